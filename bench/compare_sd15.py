@@ -1,0 +1,400 @@
+"""Benchmark `weightlens compare` on an SD1.5-sized teacher/student pair (not a test).
+
+Builds an SD1.5 U-Net (diffusers' config, written inline, random weights, ~860M params, fp32,
+~3.4 GB per file) and a student: an exact rank-r LoRaD rotation planted in every attention/FF
+Linear, a 5 % norm scaling in every resnet conv, and 1e-3 relative Gaussian noise in every
+other tensor, so that every layer changed. Then, one after another and each in its own
+subprocess so its memory can be measured, it runs
+  (a) naive: both state dicts loaded fully, per-row norm/cosine and a full
+      `torch.linalg.svdvals` of every direction residual;
+  (b) stats: `compare(..., CompareOptions(stats_only=True))`;
+  (c) full: `compare(..., CompareOptions())` (Theta, both spectra, rank fit);
+and (c) again on a smaller model, to show that its peak memory does not grow with model size.
+The parent times each subprocess (wall clock) and samples RssAnon/RssFile from
+/proc/PID/status every ~50 ms (file-backed mmap pages are not anonymous memory); VmHWM (peak
+RSS including file pages) comes from wait4's rusage. It prints a table, the ratios and
+PASS/FAIL per target, and always exits 0.
+
+    python bench/compare_sd15.py [--data DIR] [--scale 1.0] [--small-scale 0.5] [--json out.json] [--cleanup]
+
+The generated pair is cached under --data and reused; --cleanup deletes it at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_DATA = Path("/tmp/weightlens-bench-sd15")
+MODES = ("naive", "stats", "full")
+SAMPLE_S = 0.05
+MIB = 1024 * 1024
+
+# Targets (the issue): (c) <= 0.15x (a) time; (c) peak RssAnon < 1 GiB and flat in model
+# size; (b) <= 2x the warm-cache read of both files.
+FULL_VS_NAIVE_MAX = 0.15
+FULL_ANON_MAX_MIB = 1024.0
+STATS_VS_READ_MAX = 2.0
+# "Flat": going from the small to the full model, (c)'s peak may grow by at most this share
+# of the growth of one checkpoint file (it grows with the largest layer, not the model).
+FULL_ANON_GROWTH_MAX = 0.05
+
+# diffusers' SD1.5 U-Net (runwayml/stable-diffusion-v1-5 unet/config.json), written inline.
+SD15_UNET = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "layers_per_block": 2,
+    "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+}
+
+
+# ---------------------------------------------------------------------------- the data
+
+
+def unet_config(scale: float) -> dict[str, Any]:
+    """The SD1.5 config with block widths times `scale` (multiples of 32 for GroupNorm(32))."""
+    widths = tuple(max(32, round(c * scale / 32) * 32) for c in SD15_UNET["block_out_channels"])
+    return {**SD15_UNET, "block_out_channels": widths}
+
+
+def pair_paths(data: Path, scale: float) -> tuple[Path, Path]:
+    folder = data / f"sd15-x{scale:g}"
+    return folder / "teacher.safetensors", folder / "student.safetensors"
+
+
+def make_teacher(path: Path, scale: float, seed: int) -> None:
+    """Random-init the U-Net from config and save it (the one step that holds a whole model)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    model = UNet2DConditionModel(**unet_config(scale))
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    del model
+    tmp = path.with_name(f".{path.name}.partial")
+    save_file(state, str(tmp))
+    os.replace(tmp, path)
+
+
+def make_student(teacher: Path, path: Path, rank: int, seed: int) -> dict[str, int]:
+    """Stream the student from the teacher, one tensor at a time (planted + noise)."""
+    import torch
+    from safetensors import safe_open
+
+    from weightlens.planted import default_plant, plant_student
+    from weightlens.safetensors_writer import StreamingSafetensorsWriter
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    with safe_open(str(teacher), framework="pt") as fh:
+        keys = list(fh.keys())
+        shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in keys}
+        plant = default_plant(keys, shapes, rank=rank)
+        entries = [(k, shapes[k], torch.float32) for k in keys]
+        with StreamingSafetensorsWriter(path, entries) as out:
+            for i, key in enumerate(keys):
+                w = fh.get_tensor(key)
+                if key in plant.rotate or key in plant.scale:
+                    s = plant_student({key: w}, plant, seed=seed + i)[key]
+                else:  # 1e-3 relative noise: ||noise|| ~ 1e-3 ||w|| (1e-3 absolute if w == 0)
+                    rms = float(w.float().square().mean().sqrt()) or 1.0
+                    s = w + 1e-3 * rms * torch.randn(w.shape, generator=gen, dtype=w.dtype)
+                out.write(key, s.contiguous())
+    return {"rotated": len(plant.rotate), "scaled": len(plant.scale), "noised": len(keys) - len(plant.rotate) - len(plant.scale)}
+
+
+def ensure_pair(data: Path, scale: float, rank: int, seed: int) -> tuple[Path, Path]:
+    """Generate the pair for `scale` under `data` unless it is already there."""
+    teacher, student = pair_paths(data, scale)
+    teacher.parent.mkdir(parents=True, exist_ok=True)
+    if not teacher.is_file():
+        t0 = time.perf_counter()
+        _run_child(["--make-teacher", str(teacher), "--scale", str(scale), "--seed", str(seed)])
+        print(f"  generated {teacher} ({teacher.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    if not student.is_file():
+        t0 = time.perf_counter()
+        _run_child(["--make-student", str(student), "--teacher", str(teacher), "--rank", str(rank), "--seed", str(seed)])
+        print(f"  generated {student} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return teacher, student
+
+
+def _run_child(args: list[str]) -> None:
+    # Generation runs in a subprocess too, so that its multi-GB heap is gone before timing.
+    subprocess.run([sys.executable, __file__, *args], check=True)
+
+
+# ---------------------------------------------------------------------------- the modes (child side)
+
+
+def run_naive(teacher: Path, student: Path) -> dict[str, Any]:
+    """(a): both state dicts in memory; row norms/cosine, full svdvals of each residual."""
+    import torch
+    from safetensors.torch import load_file
+
+    ta, sa = load_file(str(teacher)), load_file(str(student))
+    layers, cos_sum, rows, energy_30 = 0, 0.0, 0, []
+    for key in sorted(ta.keys() & sa.keys()):
+        t, s = ta[key], sa[key]
+        if t.ndim < 2 or t.shape != s.shape:
+            continue
+        wt, ws = t.reshape(t.shape[0], -1).float(), s.reshape(s.shape[0], -1).float()  # (out, in)
+        mt, ms = torch.linalg.vector_norm(wt, dim=1), torch.linalg.vector_norm(ws, dim=1)
+        cos = (wt * ws).sum(dim=1) / (mt * ms)
+        resid = ws / ms[:, None] - wt / mt[:, None]  # U_S - U_T
+        sv = torch.linalg.svdvals(resid)
+        e = sv.double().square()
+        k = math.ceil(0.3 * min(resid.shape))
+        energy_30.append(float(e[:k].sum() / e.sum()))
+        cos_sum += float(cos.double().sum())
+        rows += cos.numel()
+        layers += 1
+    return {"layers": layers, "spectra": layers, "cos_mean": cos_sum / max(rows, 1), "resid_energy_30_mean": sum(energy_30) / max(layers, 1)}
+
+
+def run_weightlens(teacher: Path, student: Path, stats_only: bool, write: bool) -> dict[str, Any]:
+    """(b) and (c): the library API, no report rendering."""
+    from weightlens import CompareOptions, compare
+    from weightlens.output import write_analysis
+
+    t0 = time.perf_counter()
+    analysis = compare(teacher, student, CompareOptions(stats_only=stats_only, timestamps=False))
+    result: dict[str, Any] = {
+        "compare_s": time.perf_counter() - t0,
+        "layers": len(analysis.layers),
+        "spectra": len(analysis.theta_spectra) + len(analysis.resid_spectra),
+        "dir_to_norm_ratio": analysis.summary.dir_to_norm_ratio,
+    }
+    if write:
+        with tempfile.TemporaryDirectory(prefix="weightlens-bench-out-") as out:
+            t1 = time.perf_counter()
+            write_analysis(analysis, Path(out) / "analysis", report=False, timestamp=False)
+            result["write_s"] = time.perf_counter() - t1
+    return result
+
+
+def child_main(args: argparse.Namespace) -> None:
+    t0 = time.perf_counter()
+    if args.mode == "naive":
+        result = run_naive(args.teacher, args.student)
+    else:
+        result = run_weightlens(args.teacher, args.student, stats_only=args.mode == "stats", write=args.write)
+    result["work_s"] = time.perf_counter() - t0
+    Path(args.result).write_text(json.dumps(result))
+
+
+# ---------------------------------------------------------------------------- measuring (parent side)
+
+
+@dataclass
+class Measurement:
+    """One subprocess run: wall seconds, peaks (MiB) and what the child reported."""
+
+    label: str
+    seconds: float
+    peak_anon_mib: float
+    peak_file_mib: float
+    hwm_mib: float
+    child: dict[str, Any] = field(default_factory=dict)
+
+
+def _status_kib(pid: int) -> dict[str, int]:
+    """RssAnon, RssFile, VmHWM of a live process in KiB ({} once it has exited)."""
+    out: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                name, _, rest = line.partition(":")
+                if name in ("RssAnon", "RssFile", "VmHWM"):
+                    out[name] = int(rest.split()[0])
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return out
+
+
+def measure(label: str, mode: str, teacher: Path, student: Path, write: bool) -> Measurement:
+    """Run one mode in a subprocess, sampling its memory every SAMPLE_S seconds."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
+        result_path = Path(fh.name)
+    cmd = [sys.executable, __file__, "--mode", mode, "--teacher", str(teacher), "--student", str(student), "--result", str(result_path)]
+    if write:
+        cmd.append("--write")
+    anon = file = 0
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd)
+    while True:
+        # wait4 (not Popen.poll) so that this child's own rusage (ru_maxrss = VmHWM) comes back.
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        kib = _status_kib(proc.pid)
+        anon, file = max(anon, kib.get("RssAnon", 0)), max(file, kib.get("RssFile", 0))
+        time.sleep(SAMPLE_S)
+    seconds = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    child = json.loads(result_path.read_text()) if proc.returncode == 0 else {"error": f"exit code {proc.returncode}"}
+    result_path.unlink(missing_ok=True)
+    return Measurement(label, seconds, anon / 1024, file / 1024, usage.ru_maxrss / 1024, child)
+
+
+def warm_read(teacher: Path, student: Path, repeats: int = 3) -> float:
+    """Seconds of `cat a b > /dev/null` with a warm page cache (best of `repeats`, after one warm-up)."""
+    cmd = f"cat {shlex_quote(teacher)} {shlex_quote(student)} > /dev/null"
+    subprocess.run(cmd, shell=True, check=True)
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        subprocess.run(cmd, shell=True, check=True)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def shlex_quote(p: Path) -> str:
+    import shlex
+
+    return shlex.quote(str(p))
+
+
+def warm_cache(*paths: Path) -> None:
+    subprocess.run(["cat", *map(str, paths)], stdout=subprocess.DEVNULL, check=True)
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def table(rows: list[Measurement], naive: Measurement, read_s: float) -> str:
+    head = f"{'mode':<22}{'wall s':>9}{'work s':>9}{'peak RssAnon MiB':>18}{'VmHWM MiB':>11}{'time/naive':>12}{'anon/naive':>12}"
+    lines = [head, "-" * len(head), f"{'read: cat a b (warm)':<22}{read_s:>9.2f}{'':>9}{'':>18}{'':>11}{read_s / naive.seconds:>12.3f}{'':>12}"]
+    for m in rows:
+        work = m.child.get("work_s", math.nan)
+        lines.append(f"{m.label:<22}{m.seconds:>9.2f}{work:>9.2f}{m.peak_anon_mib:>18.0f}{m.hwm_mib:>11.0f}{m.seconds / naive.seconds:>12.3f}{m.peak_anon_mib / naive.peak_anon_mib:>12.3f}")
+    return "\n".join(lines)
+
+
+def verdicts(by: dict[str, Measurement], read_s: float, file_growth_mib: float | None) -> list[tuple[str, bool, str]]:
+    naive, stats, full = by["naive"], by["stats"], by["full"]
+    out = [
+        ("(c) time <= 0.15x (a)", full.seconds <= FULL_VS_NAIVE_MAX * naive.seconds, f"{full.seconds / naive.seconds:.3f}x ({full.seconds:.1f} s vs {naive.seconds:.1f} s)"),
+        ("(c) computes strictly more", full.child.get("layers") == naive.child.get("layers") and full.child.get("spectra", 0) >= 2 * naive.child.get("spectra", 0), f"{full.child.get('layers')} layers, {full.child.get('spectra')} spectra (Theta + residual) vs {naive.child.get('spectra')} residual spectra"),
+        ("(c) peak RssAnon < 1 GiB", full.peak_anon_mib < FULL_ANON_MAX_MIB, f"{full.peak_anon_mib:.0f} MiB"),
+        ("(b) time <= 2x read", stats.seconds <= STATS_VS_READ_MAX * read_s, f"{stats.seconds / read_s:.2f}x ({stats.seconds:.2f} s vs {read_s:.2f} s read; in-process {stats.child.get('work_s', math.nan):.2f} s)"),
+    ]
+    small = by.get("full-small")
+    if small is not None and file_growth_mib:
+        growth = full.peak_anon_mib - small.peak_anon_mib
+        out.append(("(c) peak flat in model size", growth <= FULL_ANON_GROWTH_MAX * file_growth_mib, f"{small.peak_anon_mib:.0f} -> {full.peak_anon_mib:.0f} MiB (+{growth:.0f}) while each file grew {file_growth_mib:.0f} MiB ({growth / file_growth_mib:.1%}, limit {FULL_ANON_GROWTH_MAX:.0%})"))
+    return out
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="where the generated pairs are cached (default %(default)s)")
+    p.add_argument("--scale", type=float, default=1.0, help="block width factor of the main model (1.0 = SD1.5)")
+    p.add_argument("--small-scale", type=float, default=0.5, help="width factor of the second model (c) runs on; 0 skips it")
+    p.add_argument("--rank", type=int, default=4, help="rank of the planted LoRaD rotations")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--write", action="store_true", help="(b)/(c) also time write_analysis(report=False)")
+    p.add_argument("--json", type=Path, help="save the figures to this JSON file")
+    p.add_argument("--cleanup", action="store_true", help="delete the generated pairs at the end")
+    # Child side (internal).
+    p.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
+    p.add_argument("--teacher", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--student", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--make-teacher", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--make-student", type=Path, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def bench(args: argparse.Namespace) -> dict[str, Any]:
+    print(f"generating/reusing pairs under {args.data}", file=sys.stderr)
+    teacher, student = ensure_pair(args.data, args.scale, args.rank, args.seed)
+    small = ensure_pair(args.data, args.small_scale, args.rank, args.seed) if args.small_scale > 0 else None
+    read_s = warm_read(teacher, student)
+    by: dict[str, Measurement] = {}
+    labels = {"naive": "(a) naive", "stats": "(b) stats-only", "full": "(c) full"}
+    for mode in MODES:
+        warm_cache(teacher, student)
+        print(f"running {labels[mode]} ...", file=sys.stderr)
+        by[mode] = measure(labels[mode], mode, teacher, student, args.write)
+    file_growth = None
+    if small is not None:
+        warm_cache(*small)
+        print(f"running (c) full at scale {args.small_scale:g} ...", file=sys.stderr)
+        by["full-small"] = measure(f"(c) full @ x{args.small_scale:g}", "full", *small, args.write)
+        file_growth = (teacher.stat().st_size - small[0].stat().st_size) / MIB
+    report = {
+        "files": {"teacher": str(teacher), "student": str(student), "bytes_each": teacher.stat().st_size, "small_bytes_each": small[0].stat().st_size if small else None},
+        "scale": args.scale, "small_scale": args.small_scale, "torch_threads": _torch_threads(), "cpus": os.cpu_count(),
+        "read_s": read_s,
+        "runs": {k: asdict(m) for k, m in by.items()},
+        "targets": [{"target": n, "pass": ok, "detail": d} for n, ok, d in verdicts(by, read_s, file_growth)],
+    }
+    return report
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def print_report(report: dict[str, Any]) -> None:
+    runs = {k: Measurement(**v) for k, v in report["runs"].items()}
+    size = report["files"]["bytes_each"] / 1e9
+    print(f"\nweightlens compare, SD1.5-sized U-Net x{report['scale']:g} ({size:.2f} GB per file), {report['cpus']} CPUs, torch threads {report['torch_threads']}")
+    print(table(list(runs.values()), runs["naive"], report["read_s"]))
+    print()
+    for t in report["targets"]:
+        print(f"{'PASS' if t['pass'] else 'FAIL'}  {t['target']:<30} {t['detail']}")
+
+
+def cleanup(data: Path, scales: list[float]) -> None:
+    """Delete only what this benchmark generated, then `data` if that left it empty."""
+    for scale in scales:
+        folder = pair_paths(data, scale)[0].parent
+        if folder.is_dir():
+            shutil.rmtree(folder)
+    if data.is_dir() and not any(data.iterdir()):
+        data.rmdir()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.make_teacher:
+        make_teacher(args.make_teacher, args.scale, args.seed)
+    elif args.make_student:
+        print(f"  student plant: {make_student(args.teacher, args.make_student, args.rank, args.seed)}", file=sys.stderr)
+    elif args.mode:
+        child_main(args)
+    else:
+        try:
+            report = bench(args)
+            print_report(report)
+            if args.json:
+                args.json.write_text(json.dumps(report, indent=2) + "\n")
+        finally:
+            if args.cleanup:
+                cleanup(args.data, [args.scale, args.small_scale])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

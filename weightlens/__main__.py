@@ -1,0 +1,3 @@
+from weightlens.cli import app
+
+app(prog_name="weightlens")

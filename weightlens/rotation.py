@@ -1,0 +1,56 @@
+"""Pairwise rotation of weight columns: the LoRaD map (DESIGN §3 and §5).
+
+Columns (2j, 2j+1) of every row are rotated by the angle Theta[i, j]. weightlens uses it to
+measure how much of a change a rotation explains; wadi_train's LoRaD adapter imports it
+(`wadi_train.lorad.rotate_weight`), so the maths lives in exactly one place.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["rotate_pairs", "implied_angles"]
+
+
+def rotate_pairs(weight: Tensor, theta: Tensor) -> Tensor:
+    """Rotate each adjacent column pair of ``weight`` by ``theta``.
+
+    Args:
+        weight: (out, in) matrix. An odd last column is left unchanged.
+        theta: (out, in // 2) angles in radians.
+
+    Returns:
+        The rotated matrix in float32 (row norms preserved exactly up to rounding).
+    """
+    w = weight.float()
+    out, width = w.shape
+    pairs = width // 2
+    if theta.shape != (out, pairs):
+        raise ValueError(f"theta has shape {tuple(theta.shape)}, expected {(out, pairs)}")
+    cos, sin = torch.cos(theta.float()), torch.sin(theta.float())
+    even, odd = w[:, 0 : 2 * pairs : 2], w[:, 1 : 2 * pairs : 2]  # (out, pairs) each
+    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+    rotated = rotated.reshape(out, 2 * pairs)
+    if width % 2:
+        rotated = torch.cat((rotated, w[:, -1:]), dim=1)
+    return rotated
+
+
+def implied_angles(teacher: Tensor, student: Tensor) -> Tensor:
+    """Angles Theta that rotate each teacher column pair onto the student's direction.
+
+    Theta[i, j] = atan2(a0*b1 - a1*b0, a0*b0 + a1*b1) with a, b the teacher and student pairs.
+
+    Args:
+        teacher: (out, in) matrix.
+        student: (out, in) matrix.
+
+    Returns:
+        (out, in // 2) float32 angles in (-pi, pi].
+    """
+    t, s = teacher.float(), student.float()
+    pairs = t.shape[1] // 2
+    a0, a1 = t[:, 0 : 2 * pairs : 2], t[:, 1 : 2 * pairs : 2]
+    b0, b1 = s[:, 0 : 2 * pairs : 2], s[:, 1 : 2 * pairs : 2]
+    return torch.atan2(a0 * b1 - a1 * b0, a0 * b0 + a1 * b1)
