@@ -209,6 +209,8 @@ class Measurement:
     peak_anon_mib: float
     peak_file_mib: float
     hwm_mib: float
+    cpu_s: float
+    load_before: float
     child: dict[str, Any] = field(default_factory=dict)
 
 
@@ -234,6 +236,7 @@ def measure(label: str, mode: str, teacher: Path, student: Path, write: bool) ->
     if write:
         cmd.append("--write")
     anon = file = 0
+    load = os.getloadavg()[0]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd)
     while True:
@@ -248,7 +251,8 @@ def measure(label: str, mode: str, teacher: Path, student: Path, write: bool) ->
     proc.returncode = os.waitstatus_to_exitcode(status)
     child = json.loads(result_path.read_text()) if proc.returncode == 0 else {"error": f"exit code {proc.returncode}"}
     result_path.unlink(missing_ok=True)
-    return Measurement(label, seconds, anon / 1024, file / 1024, usage.ru_maxrss / 1024, child)
+    cpu = usage.ru_utime + usage.ru_stime
+    return Measurement(label, seconds, anon / 1024, file / 1024, usage.ru_maxrss / 1024, cpu, load, child)
 
 
 def warm_read(teacher: Path, student: Path, repeats: int = 3) -> float:
@@ -277,11 +281,16 @@ def warm_cache(*paths: Path) -> None:
 
 
 def table(rows: list[Measurement], naive: Measurement, read_s: float) -> str:
-    head = f"{'mode':<22}{'wall s':>9}{'work s':>9}{'peak RssAnon MiB':>18}{'VmHWM MiB':>11}{'time/naive':>12}{'anon/naive':>12}"
-    lines = [head, "-" * len(head), f"{'read: cat a b (warm)':<22}{read_s:>9.2f}{'':>9}{'':>18}{'':>11}{read_s / naive.seconds:>12.3f}{'':>12}"]
+    head = f"{'mode':<22}{'wall s':>9}{'work s':>9}{'cpu s':>9}{'peak RssAnon MiB':>18}{'VmHWM MiB':>11}{'time/naive':>12}{'anon/naive':>12}{'load':>7}"
+    lines = [head, "-" * len(head), f"{'read: cat a b (warm)':<22}{read_s:>9.2f}{'':>9}{'':>9}{'':>18}{'':>11}{read_s / naive.seconds:>12.3f}{'':>12}{'':>7}"]
     for m in rows:
         work = m.child.get("work_s", math.nan)
-        lines.append(f"{m.label:<22}{m.seconds:>9.2f}{work:>9.2f}{m.peak_anon_mib:>18.0f}{m.hwm_mib:>11.0f}{m.seconds / naive.seconds:>12.3f}{m.peak_anon_mib / naive.peak_anon_mib:>12.3f}")
+        lines.append(
+            f"{m.label:<22}{m.seconds:>9.2f}{work:>9.2f}{m.cpu_s:>9.1f}{m.peak_anon_mib:>18.0f}{m.hwm_mib:>11.0f}"
+            f"{m.seconds / naive.seconds:>12.3f}{m.peak_anon_mib / naive.peak_anon_mib:>12.3f}{m.load_before:>7.1f}"
+        )
+    lines.append("wall s: the subprocess (interpreter start, imports, work); work s: the work alone, timed inside it;")
+    lines.append("cpu s: its user+sys CPU time; load: 1-min load average when it started (> CPUs: timings are contended)")
     return "\n".join(lines)
 
 
@@ -313,6 +322,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--write", action="store_true", help="(b)/(c) also time write_analysis(report=False)")
     p.add_argument("--json", type=Path, help="save the figures to this JSON file")
     p.add_argument("--cleanup", action="store_true", help="delete the generated pairs at the end")
+    p.add_argument("--generate-only", action="store_true", help="only generate (or find) the pairs, measure nothing")
     # Child side (internal).
     p.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     p.add_argument("--teacher", type=Path, help=argparse.SUPPRESS)
@@ -327,6 +337,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     print(f"generating/reusing pairs under {args.data}", file=sys.stderr)
     teacher, student = ensure_pair(args.data, args.scale, args.rank, args.seed)
     small = ensure_pair(args.data, args.small_scale, args.rank, args.seed) if args.small_scale > 0 else None
+    if args.generate_only:
+        return {}
     read_s = warm_read(teacher, student)
     by: dict[str, Measurement] = {}
     labels = {"naive": "(a) naive", "stats": "(b) stats-only", "full": "(c) full"}
@@ -387,8 +399,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         try:
             report = bench(args)
-            print_report(report)
-            if args.json:
+            if report:
+                print_report(report)
+            if report and args.json:
                 args.json.write_text(json.dumps(report, indent=2) + "\n")
         finally:
             if args.cleanup:

@@ -58,7 +58,7 @@ class CompareOptions:
     align: AlignOptions = AlignOptions()
     energy: float | None = 0.9
     budget: str | None = None
-    min_rank: int = 1
+    min_rank: int = 0
     max_rank: int | None = None
     multiple_of: int = 1
     include_conv: bool = False

@@ -23,7 +23,7 @@ __all__ = ["make_demo_pair", "run_demo"]
 
 def make_demo_pair(folder: Path, seed: int = 0) -> tuple[Path, Path]:
     """Write teacher.safetensors and student.safetensors into `folder`."""
-    teacher = {k: v.detach().contiguous() for k, v in build_tiny_unet(seed).state_dict().items()}
+    teacher = {k: v.detach().clone() for k, v in build_tiny_unet(seed).state_dict().items()}
     plant = default_plant(teacher, {k: tuple(v.shape) for k, v in teacher.items()})
     student = plant_student(teacher, plant, seed=seed)
     gen = torch.Generator().manual_seed(seed + 1)

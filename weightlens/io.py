@@ -14,6 +14,7 @@ import logging
 import os
 import pickle
 import struct
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -221,14 +222,15 @@ class PickleReader:
             raise CheckpointError(f"{self.path}: empty file; re-download it")
         use_mmap = zipfile.is_zipfile(self.path)  # mmap needs the zip format (torch >= 1.6)
         try:
-            return torch.load(self.path, map_location="cpu", weights_only=True, mmap=use_mmap)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return torch.load(self.path, map_location="cpu", weights_only=True, mmap=use_mmap)
         except pickle.UnpicklingError as exc:
-            text = str(exc)
-            if "weights_only" in text or "Unsupported global" in text or "GLOBAL" in text:
-                first = text.strip().splitlines()[0][:160]
-                raise UnsafeCheckpointError(f"{self.path}: refused: the pickle wants to run code or build objects beyond tensors ({first}); it was not executed. Convert it to safetensors with a trusted tool, or only use files you trust") from None
-            raise CheckpointError(f"{self.path}: not a readable torch checkpoint ({text.splitlines()[0][:160] if text else 'unpickling failed'})") from None
-        except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, KeyError, AttributeError) as exc:
+            detail = _unpickler_detail(str(exc))
+            if "global" in detail.lower():
+                raise UnsafeCheckpointError(f"{self.path}: refused: the pickle wants to call code beyond tensors ({detail}); nothing was executed. Only load files you trust, or convert them to safetensors with a trusted tool") from None
+            raise CheckpointError(f"{self.path}: not a readable torch checkpoint: the safe loader refused it ({detail}); nothing was executed") from None
+        except Exception as exc:  # torch.load raises anything on garbage: IndexError, RuntimeError...
             msg = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else exc.__class__.__name__
             raise CheckpointError(f"{self.path}: not a readable torch checkpoint ({msg})") from None
 
@@ -237,6 +239,17 @@ class PickleReader:
 
     def close(self) -> None:
         self._state = {}
+
+
+def _unpickler_detail(text: str) -> str:
+    """The informative line of torch's weights_only error, without its boilerplate."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in lines:
+        if "GLOBAL" in ln or "global" in ln.split(":")[0]:
+            return ln[:160]
+    _, _, tail = text.partition("WeightsUnpickler error:")
+    tail_lines = [ln.strip() for ln in tail.splitlines() if ln.strip()]
+    return tail_lines[0][:160] if tail_lines else "unpickling failed"
 
 
 def _find_state_dict(obj: Any) -> dict[str, Tensor] | None:

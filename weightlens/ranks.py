@@ -39,7 +39,7 @@ class RankOptions:
 
     energy: float | None = 0.9
     budget: int | None = None
-    min_rank: int = 1
+    min_rank: int = 0
     max_rank: int | None = None
     multiple_of: int = 1
     include_conv: bool = False
@@ -156,8 +156,13 @@ def _cap(layer: LayerStats, energy: np.ndarray, options: RankOptions) -> int:
 
 
 def _round(rank: int, options: RankOptions, full: int) -> int:
+    """Round up to multiple_of, raise to min_rank, never past max_rank or full rank."""
     m = options.multiple_of
-    return min(max(int(math.ceil(rank / m)) * m, options.min_rank), full)
+    hard = min(full, options.max_rank) if options.max_rank is not None else full
+    r = max(int(math.ceil(rank / m)) * m, options.min_rank)
+    if r > hard:
+        r = (hard // m) * m or hard
+    return r
 
 
 def fit_ranks(layers: Sequence[LayerStats], spectra: Mapping[str, np.ndarray], options: RankOptions, backbone_params: int) -> RankConfig:

@@ -14,7 +14,7 @@ __all__ = ["refit"]
 log = logging.getLogger(__name__)
 
 
-def refit(folder: Path, budget: str | None = None, energy: float | None = 0.9, min_rank: int = 1, max_rank: int | None = None, multiple_of: int = 1, include_conv: bool = False, output: Path | None = None, command: tuple[str, ...] = ()) -> tuple[RankConfig, Path]:
+def refit(folder: Path, budget: str | None = None, energy: float | None = 0.9, min_rank: int = 0, max_rank: int | None = None, multiple_of: int = 1, include_conv: bool = False, output: Path | None = None, command: tuple[str, ...] = ()) -> tuple[RankConfig, Path]:
     """Fit ranks again from layers.csv + spectra.npz and write ranks.json.
 
     When writing the folder's own ranks.json, the previous one is kept as ranks.prev.json and

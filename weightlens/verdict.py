@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from weightlens.blocks import block_of, depth_key
+from weightlens.ranks import module_name
 from weightlens.results import Analysis, LayerStats
 
 __all__ = [
@@ -93,6 +94,7 @@ class Verdict:
         concentration: concentrated, mildly concentrated, like random, or unknown.
         top_blocks: up to three blocks with the largest params-weighted mean rel_delta.
         layers / changed_layers: aligned matrix layers and those with any change.
+        has_spectra: some layer has rotation/spectrum figures (False in stats-only mode).
         ranks: the rank config headline, None without fitted ranks.
         headline: one sentence.
     """
@@ -110,6 +112,7 @@ class Verdict:
     top_blocks: tuple[BlockChange, ...]
     layers: int
     changed_layers: int
+    has_spectra: bool
     ranks: RankHeadline | None
     headline: str
 
@@ -270,10 +273,10 @@ def rank_table(analysis: Analysis) -> list[RankRow]:
     ranks = analysis.ranks
     if ranks is None:
         return []
-    by_name = {l.name: l for l in analysis.layers}
+    by_module = {module_name(l.name): l for l in analysis.layers}  # rank_pattern keys are module paths
     rows = []
     for module, rank in ranks.rank_pattern.items():
-        layer = by_name.get(module)
+        layer = by_module.get(module)
         block = layer.block if layer is not None else block_of(module)
         rows.append(RankRow(
             module=module,
@@ -316,9 +319,10 @@ def _kind(ratio: float, dir_mean: float, norm_mean: float, changed: int) -> str:
         return UNCHANGED
     if math.isnan(ratio):
         return UNDETERMINED
-    if ratio >= DOMINANCE:
+    # Relative slack: a ratio of exactly 3 (or 1/3) must classify the same after float rounding.
+    if ratio >= DOMINANCE * (1 - 1e-9):
         return DIRECTION_DOMINATED
-    if ratio <= 1 / DOMINANCE:
+    if ratio <= (1 + 1e-9) / DOMINANCE:
         return NORM_DOMINATED
     return MIXED
 
@@ -349,19 +353,26 @@ def _join(names: Sequence[str]) -> str:
     return ", ".join(names[:-1]) + " and " + names[-1]
 
 
-def _headline(kind: str, ratio: float, dir_mean: float, norm_mean: float, top: Sequence[BlockChange], layers: int) -> str:
+def _headline(
+    kind: str, ratio: float, dir_mean: float, norm_mean: float, top: Sequence[BlockChange], layers: int
+) -> str:
     where = f", most in {_join([b.block for b in top])}" if top else ""
     if kind == UNCHANGED:
-        return f"The student is identical to the teacher in all {layers} aligned layers." if layers else "No layers could be compared."
+        if not layers:
+            return "No layers could be compared."
+        return f"The student is identical to the teacher in all {layers} aligned layers."
     if kind == UNDETERMINED:
         return "Weights changed, but no row statistics could be computed (every row was excluded)."
     means = f"({format_pct(dir_mean)} vs {format_pct(norm_mean)})"
     if kind == DIRECTION_DOMINATED:
-        return f"Distillation mostly rotated the weights: direction change is {format_ratio(ratio)} the norm change {means}{where}."
+        return (f"Distillation mostly rotated the weights: direction change is {format_ratio(ratio)} "
+                f"the norm change {means}{where}.")
     if kind == NORM_DOMINATED:
         inverse = norm_mean / dir_mean if dir_mean > 0 else math.inf
-        return f"Distillation mostly rescaled the weights: norm change is {format_ratio(inverse)} the direction change {means}{where}."
-    return f"Distillation changed norms and directions alike: direction change is {format_ratio(ratio)} the norm change {means}{where}."
+        return (f"Distillation mostly rescaled the weights: norm change is {format_ratio(inverse)} "
+                f"the direction change {means}{where}.")
+    return (f"Distillation changed norms and directions alike: direction change is {format_ratio(ratio)} "
+            f"the norm change {means}{where}.")
 
 
 def verdict(analysis: Analysis) -> Verdict:
@@ -395,6 +406,7 @@ def verdict(analysis: Analysis) -> Verdict:
         top_blocks=top,
         layers=len(layers),
         changed_layers=changed,
+        has_spectra=not (math.isnan(theta_obs) and math.isnan(resid_obs)),
         ranks=_rank_headline(analysis),
         headline=_headline(kind, s.dir_to_norm_ratio, s.dir_mean, s.norm_rel_mean, top, len(layers)),
     )
@@ -422,7 +434,9 @@ def _random_energy(rows: int, cols: int) -> np.ndarray:
     return energies(torch.randn(rows, cols, generator=gen)).numpy()
 
 
-def spectrum_curves(analysis: Analysis, count: int = 4, random_energy: Callable[[int, int], np.ndarray] = _random_energy) -> list[SpectrumCurve]:
+def spectrum_curves(
+    analysis: Analysis, count: int = 4, random_energy: Callable[[int, int], np.ndarray] = _random_energy
+) -> list[SpectrumCurve]:
     """Cumulative Theta energy curves of the `count` most changed layers, in depth order.
 
     Only layers with a non-zero Theta spectrum qualify (a pure norm scaling has Theta = 0).
@@ -440,5 +454,7 @@ def spectrum_curves(analysis: Analysis, count: int = 4, random_energy: Callable[
     curves = []
     for layer, energy in chosen:
         rand = random_energy(layer.rows, layer.in_features // 2)
-        curves.append(SpectrumCurve(layer.name, _fractions(len(energy)), _cumulative(energy), _fractions(len(rand)), _cumulative(rand)))
+        curves.append(SpectrumCurve(
+            layer.name, _fractions(len(energy)), _cumulative(energy), _fractions(len(rand)), _cumulative(rand)
+        ))
     return curves

@@ -40,7 +40,7 @@ def unet_pair() -> UnetPair:
     """Teacher: a seeded tiny U-Net. Student: exact rank-3 rotations + pure norm scalings,
     and small noise on every other tensor (so every layer changed)."""
     model = build_tiny_unet(seed=0)
-    teacher = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    teacher = {k: v.detach().clone() for k, v in model.state_dict().items()}
     plant = Plant(rotate=dict.fromkeys(ROTATED, RANK), scale=SCALED)
     student = plant_student(teacher, plant, seed=1)
     gen = torch.Generator().manual_seed(2)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -56,18 +57,34 @@ FIGURE_FILES = {
     "rank_allocation": "rank_allocation.png",
     "angle_hist": "angle_hist.png",
 }
-_ABBREVIATIONS = (("transformer_blocks.", "tb."), ("attentions.", "attn."), ("resnets.", "res."))
+# Shortened inside a name only: a DiT block label `transformer_blocks.3` stays whole.
+_ABBREVIATIONS = ((".transformer_blocks.", ".tb."), (".attentions.", ".attn."), (".resnets.", ".res."))
+_POINTS: dict[str, Any] = {"alpha": 0.75, "edgecolors": "white", "linewidths": 0.4, "zorder": 3}
+_SLANTED: dict[str, Any] = {"rotation": 40, "ha": "right", "rotation_mode": "anchor", "fontsize": 9}
 
 
 def short_name(name: str, width: int = 36) -> str:
-    """A layer name fit for a label: `.weight` dropped, common words shortened, middle elided."""
+    """A layer name fit for a label: `.weight` dropped, common words shortened, middle elided.
+
+    Elision keeps whole dotted components: the block (`down_blocks.0`) and as much of the
+    tail (`attn2.to_k`) as fits, e.g. `down_blocks.0…tb.0.attn2.to_k`.
+    """
     text = name.removesuffix(".weight")
     for long, short in _ABBREVIATIONS:
         text = text.replace(long, short)
     if len(text) <= width:
         return text
-    head = width // 3
-    return text[:head] + "…" + text[len(text) - (width - head - 1):]
+    parts = text.split(".")
+    head = ".".join(parts[:2])
+    tail: list[str] = []
+    for part in reversed(parts[2:]):
+        if len(head) + 1 + len(".".join([part, *tail])) > width:
+            break
+        tail.insert(0, part)
+    if tail and len(head) < width // 2 + 4:
+        return head + "…" + ".".join(tail)
+    keep = width // 3
+    return text[:keep] + "…" + text[len(text) - (width - keep - 1):]
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -110,7 +127,7 @@ def fig1a_scatter(layers: Sequence[LayerStats], summary: Summary, path: Path) ->
     Log axes: changes span orders of magnitude. Layers with a zero mean or std (unchanged,
     or an exactly uniform rescale) cannot sit on log axes and are counted in the caption.
     """
-    fig = _figure(7.6, 5.4)
+    fig = _figure(7.6, 6.0)
     ax = fig.add_subplot()
     norm = _positive([(l.norm_rel_mean, l.norm_rel_std) for l in layers])
     direc = _positive([(l.dir_mean, l.dir_std) for l in layers])
@@ -122,24 +139,26 @@ def fig1a_scatter(layers: Sequence[LayerStats], summary: Summary, path: Path) ->
     ax.set_xscale("log")
     ax.set_yscale("log")
     if norm:
-        ax.scatter(*zip(*norm), s=26, marker="o", color=NORM_COLOUR, alpha=0.75, edgecolors="white", linewidths=0.4, label="norm change |Δ‖w‖| / ‖w‖", zorder=3)
+        ax.scatter(*zip(*norm), s=26, marker="o", color=NORM_COLOUR, label="norm change |Δ‖w‖| / ‖w‖", **_POINTS)
     if direc:
-        ax.scatter(*zip(*direc), s=30, marker="^", color=DIR_COLOUR, alpha=0.75, edgecolors="white", linewidths=0.4, label="direction change ‖Δu‖", zorder=3)
+        ax.scatter(*zip(*direc), s=30, marker="^", color=DIR_COLOUR, label="direction change ‖Δu‖", **_POINTS)
     for (mu, sd), colour, label in (
         ((summary.norm_rel_mean, summary.norm_rel_std), NORM_COLOUR, "all layers: norm"),
         ((summary.dir_mean, summary.dir_std), DIR_COLOUR, "all layers: direction"),
     ):
         if _positive([(mu, sd)]):
-            ax.scatter([mu], [sd], s=320, marker="*", color=colour, edgecolors="black", linewidths=0.9, label=label, zorder=4)
+            ax.scatter([mu], [sd], s=320, marker="*", color=colour, edgecolors="black", linewidths=0.9,
+                       label=label, zorder=4)
     for axis in (ax.xaxis, ax.yaxis):
         axis.set_major_formatter(FuncFormatter(_pct_ticks))
     ax.set_xlabel("mean over output rows", fontsize=10)
     ax.set_ylabel("std over output rows", fontsize=10)
     ax.set_title("Norm vs direction change per layer (WaDi Fig. 1a)", fontsize=12, loc="left")
-    ax.legend(fontsize=9, loc="upper left", frameon=False)
+    ax.legend(fontsize=9, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncols=2, markerscale=0.8)
     hidden = 2 * len(layers) - len(norm) - len(direc)
     if hidden:
-        fig.text(0.99, 0.005, f"{hidden} points with zero mean or std not shown (log axes)", ha="right", va="bottom", fontsize=8, color=GREY)
+        note = f"{hidden} points with zero mean or std not shown (log axes)"
+        ax.text(1.0, 1.01, note, transform=ax.transAxes, ha="right", va="bottom", fontsize=8, color=GREY)
     return _save(fig, path)
 
 
@@ -156,13 +175,18 @@ def change_by_block(blocks: Sequence[BlockRow], path: Path) -> Path:
     ax.grid(False, axis="x")
     xs = range(len(blocks))
     bar = 0.38
-    ax.bar([x - bar / 2 for x in xs], [_zero_nan(b.dir_mean) for b in blocks], bar, color=DIR_COLOUR, label="direction change", zorder=3)
-    ax.bar([x + bar / 2 for x in xs], [_zero_nan(b.norm_rel_mean) for b in blocks], bar, color=NORM_COLOUR, label="norm change", zorder=3)
-    ax.set_xticks(list(xs), [short_name(b.block, 22) for b in blocks], rotation=40, ha="right", rotation_mode="anchor", fontsize=9)
+    dirs = [_zero_nan(b.dir_mean) for b in blocks]
+    norms = [_zero_nan(b.norm_rel_mean) for b in blocks]
+    ax.bar([x - bar / 2 for x in xs], dirs, bar, color=DIR_COLOUR, label="direction change", zorder=3)
+    ax.bar([x + bar / 2 for x in xs], norms, bar, color=NORM_COLOUR, label="norm change", zorder=3)
+    ax.set_xticks(list(xs), [short_name(b.block, 22) for b in blocks], **_SLANTED)
     ax.yaxis.set_major_formatter(FuncFormatter(_pct_ticks))
     ax.set_ylabel("mean over rows", fontsize=10)
     ax.set_xlim(-0.6, len(blocks) - 0.4)
-    ax.legend(fontsize=9, frameon=False)
+    top = max([*dirs, *norms, 0.0])
+    if top > 0:
+        ax.set_ylim(0, top * 1.15)  # headroom for the legend row
+    ax.legend(fontsize=9, frameon=False, loc="upper right", ncols=2)
     return _save(fig, path)
 
 
@@ -180,7 +204,7 @@ def _energy_scatter(ax: Axes, layers: Sequence[LayerStats]) -> None:
         pts = [(getattr(l, f"{attr}_random"), getattr(l, attr)) for l in layers]
         pts = [(x, y) for x, y in pts if math.isfinite(x) and math.isfinite(y)]
         if pts:
-            ax.scatter(*zip(*pts), s=24, marker=marker, color=colour, alpha=0.75, edgecolors="white", linewidths=0.4, label=label, zorder=3)
+            ax.scatter(*zip(*pts), s=24, marker=marker, color=colour, label=label, **_POINTS)
             plotted = True
     if not plotted:
         _empty(ax, "no spectra (stats-only analysis or no change)")
@@ -194,8 +218,9 @@ def _energy_scatter(ax: Axes, layers: Sequence[LayerStats]) -> None:
         axis.set_major_formatter(FuncFormatter(_pct_ticks))
     ax.set_xlabel("random Gaussian matrix of the same shape", fontsize=10)
     ax.set_ylabel("this layer", fontsize=10)
-    ax.legend(fontsize=8.5, loc="lower right", frameon=False)
-    ax.text(0.03, 0.97, "above the line:\nmore low-rank than random", transform=ax.transAxes, va="top", fontsize=8.5, color=GREY)
+    ax.legend(fontsize=8.5, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncols=3)
+    note = "above the line:\nmore low-rank than random"
+    ax.text(0.03, 0.97, note, transform=ax.transAxes, va="top", fontsize=8.5, color=GREY)
 
 
 def _curves(ax: Axes, curves: Sequence[SpectrumCurve]) -> None:
@@ -205,7 +230,8 @@ def _curves(ax: Axes, curves: Sequence[SpectrumCurve]) -> None:
     _style(ax)
     for i, c in enumerate(curves):
         colour = CYCLE[i % len(CYCLE)]
-        ax.plot((0.0, *c.rank_fraction), (0.0, *c.cumulative), color=colour, linewidth=1.8, label=short_name(c.name, 34))
+        label = short_name(c.name, 34)
+        ax.plot((0.0, *c.rank_fraction), (0.0, *c.cumulative), color=colour, linewidth=1.8, label=label)
         ax.plot((0.0, *c.random_rank_fraction), (0.0, *c.random_cumulative), color=colour, linewidth=1, linestyle=":")
     ax.axvline(0.3, color=GREY, linewidth=0.8, linestyle="--")
     ax.axhline(0.9, color=GREY, linewidth=0.8, linestyle="--")
@@ -223,7 +249,7 @@ def _curves(ax: Axes, curves: Sequence[SpectrumCurve]) -> None:
 
 def spectra(layers: Sequence[LayerStats], curves: Sequence[SpectrumCurve], path: Path) -> Path:
     """Energy in the top 30 % of ranks vs a random matrix, and a few cumulative Θ curves."""
-    fig = _figure(11.5, 5.0)
+    fig = _figure(11.5, 5.6)
     left, right = fig.subplots(1, 2, width_ratios=(1, 1.15))
     left.set_title("Energy in the top 30 % of ranks, per layer", fontsize=11, loc="left")
     right.set_title("Cumulative Θ energy, most changed layers", fontsize=11, loc="left")
@@ -247,7 +273,8 @@ def rank_allocation(rows: Sequence[RankRow], headline: RankHeadline, path: Path)
     fig = _figure(11.5, 5.0 if len(rows) <= 40 else 4.4)
     ax = fig.add_subplot()
     ax.set_title(
-        f"LoRaD ranks: {format_int(headline.target_modules)} modules, {format_int(headline.trainable_params)} trainable "
+        f"LoRaD ranks: {format_int(headline.target_modules)} modules, "
+        f"{format_int(headline.trainable_params)} trainable "
         f"parameters ({format_pct(headline.trainable_fraction)} of the backbone)",
         fontsize=11, loc="left",
     )
@@ -267,9 +294,10 @@ def rank_allocation(rows: Sequence[RankRow], headline: RankHeadline, path: Path)
     if len(rows) <= 40:
         ax.set_xticks(range(len(rows)), [short_name(r.module, 30) for r in rows], rotation=90, fontsize=7.5)
         handles = [Line2D([], [], color=colour_of[b], linewidth=6) for b, _, _ in spans]
-        ax.legend(handles, [b for b, _, _ in spans], fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        labels = [b for b, _, _ in spans]
+        ax.legend(handles, labels, fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     else:
-        ax.set_xticks([(s + e) / 2 for _, s, e in spans], [short_name(b, 22) for b, _, _ in spans], rotation=40, ha="right", rotation_mode="anchor", fontsize=9)
+        ax.set_xticks([(s + e) / 2 for _, s, e in spans], [short_name(b, 22) for b, _, _ in spans], **_SLANTED)
         ax.tick_params(axis="x", length=0)
     return _save(fig, path)
 
@@ -289,7 +317,8 @@ def angle_hist(layers: Sequence[LayerStats], path: Path) -> Path:
     ax.set_ylabel("layers", fontsize=10)
     skipped = len(layers) - len(angles)
     if skipped:
-        ax.text(0.98, 0.95, f"{skipped} unrotated layers not shown", transform=ax.transAxes, ha="right", va="top", fontsize=8.5, color=GREY)
+        note = f"{skipped} unrotated layers not shown"
+        ax.text(0.98, 0.95, note, transform=ax.transAxes, ha="right", va="top", fontsize=8.5, color=GREY)
     return _save(fig, path)
 
 
@@ -297,19 +326,23 @@ def render_figures(analysis: Analysis, folder: Path) -> dict[str, Path]:
     """Write every figure of the report into ``folder`` (created if missing).
 
     Returns:
-        Figure key (e.g. `fig1a_scatter`) -> PNG path, in report order. `rank_allocation`
-        is absent when the analysis has no fitted ranks.
+        Figure key (e.g. `fig1a_scatter`) -> PNG path. Figures with nothing to show are
+        left out: `spectra` in stats-only mode, `rank_allocation` without fitted ranks,
+        `angle_hist` when no layer changed.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     layers = list(analysis.layers)
+    lead = verdict(analysis)
     out = {
         "fig1a_scatter": fig1a_scatter(layers, analysis.summary, folder / FIGURE_FILES["fig1a_scatter"]),
         "change_by_block": change_by_block(block_table(analysis), folder / FIGURE_FILES["change_by_block"]),
-        "spectra": spectra(layers, spectrum_curves(analysis), folder / FIGURE_FILES["spectra"]),
     }
-    headline = verdict(analysis).ranks
-    if headline is not None:
-        out["rank_allocation"] = rank_allocation(rank_table(analysis), headline, folder / FIGURE_FILES["rank_allocation"])
-    out["angle_hist"] = angle_hist(layers, folder / FIGURE_FILES["angle_hist"])
+    if lead.has_spectra:
+        out["spectra"] = spectra(layers, spectrum_curves(analysis), folder / FIGURE_FILES["spectra"])
+    if lead.ranks is not None:
+        path = folder / FIGURE_FILES["rank_allocation"]
+        out["rank_allocation"] = rank_allocation(rank_table(analysis), lead.ranks, path)
+    if lead.changed_layers:
+        out["angle_hist"] = angle_hist(layers, folder / FIGURE_FILES["angle_hist"])
     return out
