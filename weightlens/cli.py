@@ -46,7 +46,7 @@ def _progress(quiet: bool, what: str) -> Iterator[Callable[[int, int, str], None
     task = bar.add_task("", total=None)
 
     def update(done: int, total: int, name: str) -> None:
-        bar.update(task, completed=done, total=total, description=name[-60:])
+        bar.update(task, completed=done, total=total, description=name[-40:])
 
     with bar:
         yield update

@@ -1,7 +1,7 @@
 """`weightlens demo`: a tiny teacher, a planted student, a full comparison.
 
 Builds a small diffusers U-Net from config (seeded, nothing downloads), plants an exact rank-4
-LoRaD rotation in every attention/FF Linear and a 5 % norm scaling in every resnet conv, adds
+LoRaD rotation in every attention/FF Linear and a 0.1 % norm scaling in every resnet conv, adds
 a little noise elsewhere so every layer changed, and runs `compare` on the pair.
 """
 
@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from weightlens.compare import CompareOptions, ProgressCallback, compare
 from weightlens.output import write_analysis
-from weightlens.planted import build_tiny_unet, default_plant, plant_student
+from weightlens.planted import Plant, build_tiny_unet, default_plant, plant_student
 from weightlens.results import Analysis
 
 __all__ = ["make_demo_pair", "run_demo"]
@@ -25,6 +25,7 @@ def make_demo_pair(folder: Path, seed: int = 0) -> tuple[Path, Path]:
     """Write teacher.safetensors and student.safetensors into `folder`."""
     teacher = {k: v.detach().clone() for k, v in build_tiny_unet(seed).state_dict().items()}
     plant = default_plant(teacher, {k: tuple(v.shape) for k, v in teacher.items()})
+    plant = Plant(rotate=plant.rotate, scale=dict.fromkeys(plant.scale, 1.001))  # like the paper: ~0.1 % norm change
     student = plant_student(teacher, plant, seed=seed)
     gen = torch.Generator().manual_seed(seed + 1)
     for key, w in student.items():
