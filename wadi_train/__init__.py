@@ -1,7 +1,10 @@
 """wadi_train: one-step distillation of diffusion models with LoRaD adapters and VSD (DESIGN §5).
 
-Importable, unit-tested components (the `lorad` adapter first; losses, schedules, EMA and
-checkpointing alongside) that one readable training recipe wires together in an explicit loop.
+Importable, unit-tested components (the `lorad` adapter, VSD losses, one-step maths, EMA,
+atomic checkpoints) and one readable training recipe (`train.train`) that wires them together
+in an explicit loop; `export` writes a merged diffusers model, `generate` samples one step.
 """
 
-__all__ = ["lorad"]
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "lorad"]

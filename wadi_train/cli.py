@@ -1,0 +1,129 @@
+"""The `wadi-train` command line: a thin Typer layer over the library."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Optional, TypeVar
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from wadi_train.errors import WadiError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="One-step distillation with LoRaD + VSD.")
+err = Console(stderr=True)
+out = Console()
+T = TypeVar("T")
+
+
+def _setup(quiet: bool = False, verbose: bool = False) -> None:
+    level = logging.ERROR if quiet else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=err, show_time=False, show_path=False)], force=True)
+
+
+def _run(fn: Callable[[], T]) -> T:
+    from weightlens.errors import WeightlensError
+
+    try:
+        return fn()
+    except (WadiError, WeightlensError) as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        err.print("[red]interrupted[/red]")
+        raise typer.Exit(130) from None
+
+
+Overrides = Annotated[Optional[list[str]], typer.Argument(help="Dotted overrides, e.g. optim.student_lr=1e-5")]
+
+
+@app.command()
+def validate(config: Annotated[Path, typer.Argument(help="Run config (YAML)")], overrides: Overrides = None) -> None:
+    """Report every problem of a config before touching a device; print parameter counts."""
+    from wadi_train.config import load_config
+    from wadi_train.config import validate as check
+    from wadi_train.sizes import describe
+
+    _setup()
+
+    def work() -> None:
+        cfg = load_config(config, overrides or [])
+        problems = check(cfg)
+        if problems:
+            from wadi_train.errors import ConfigError
+
+            raise ConfigError(f"{len(problems)} problem(s) in {config}:\n  " + "\n  ".join(problems))
+        for line in describe(cfg):
+            out.print(line)
+        out.print("[green]config is valid[/green]")
+
+    _run(work)
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="Run config (YAML)")],
+    overrides: Overrides = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the run folder's latest checkpoint")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Distil: train the one-step student with VSD."""
+    from wadi_train.config import load_config
+    from wadi_train.train import train
+
+    _setup(quiet)
+
+    def work() -> None:
+        cfg = load_config(config, overrides or [])
+        bar = Progress(TextColumn("[bold]distil"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.description}"), console=err, disable=quiet)
+        with bar:
+            task = bar.add_task("", total=cfg.train.steps)
+
+            def progress(step: int, total: int, m: dict[str, float]) -> None:
+                bar.update(task, completed=step, description=f"student {m.get('loss_student', float('nan')):.4f} fake {m.get('loss_fake', float('nan')):.4f}")
+
+            res = train(cfg, resume=resume, progress=progress)
+        out.print(f"{res.steps} steps, {res.nonfinite_skipped} skipped: {res.run_dir}")
+
+    _run(work)
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder (output_dir of a run)")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder to write")],
+    ema: Annotated[bool, typer.Option(help="Export the EMA weights")] = False,
+    dtype: Annotated[Optional[str], typer.Option(help="float32, float16 or bfloat16 (default: the teacher's)")] = None,
+    overwrite: Annotated[bool, typer.Option()] = False,
+) -> None:
+    """Merge the student into the backbone and write a diffusers folder + the adapter file."""
+    from wadi_train.export import export_run
+
+    _setup()
+    path = _run(lambda: export_run(run_dir, output, use_ema=ema, dtype=dtype, overwrite=overwrite))
+    out.print(f"exported: {path}")
+
+
+@app.command()
+def generate(
+    model: Annotated[Path, typer.Argument(help="Folder written by `wadi-train export`")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="PNG grid to write")] = Path("grid.png"),
+    class_: Annotated[Optional[list[int]], typer.Option("--class", help="Class label(s) (repeatable)")] = None,
+    n: Annotated[int, typer.Option("-n", help="Number of samples")] = 16,
+    seed: Annotated[int, typer.Option()] = 0,
+    height: Annotated[Optional[int], typer.Option(help="Height (beyond training size is allowed)")] = None,
+    width: Annotated[Optional[int], typer.Option()] = None,
+    device: Annotated[str, typer.Option()] = "cpu",
+) -> None:
+    """One-step sampling from an exported student into a PNG grid."""
+    from wadi_train.generate import generate as gen
+    from wadi_train.generate import save_grid
+
+    _setup()
+    images = _run(lambda: gen(model, class_, n, seed, height, width, device))
+    save_grid(images, output)
+    out.print(f"{n} samples: {output}")

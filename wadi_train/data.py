@@ -1,0 +1,117 @@
+"""Conditioning data: prompt files for text models, class labels for class-conditional ones.
+
+Prompt files: `.txt` (one prompt a line), `.jsonl` (a `prompt_column` field per line),
+`.csv` / `.parquet` (a column). Text embeddings are computed once with the pipeline's text
+encoder and cached; a batch is then an index draw from a seeded generator.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from wadi_train.errors import ConfigError
+from wadi_train.models import Cond, Teacher
+
+__all__ = ["read_prompts", "ConditionSampler", "ClassSampler", "TextSampler", "encode_prompts"]
+
+log = logging.getLogger(__name__)
+
+
+def read_prompts(path: str | Path, column: str = "text") -> list[str]:
+    """All prompts of a .txt/.jsonl/.csv/.parquet file, empty lines dropped."""
+    p = Path(path)
+    suffix = p.suffix.lower()
+    try:
+        if suffix == ".txt":
+            prompts = [ln.strip() for ln in p.read_text().splitlines()]
+        elif suffix == ".jsonl":
+            prompts = [str(json.loads(ln)[column]) for ln in p.read_text().splitlines() if ln.strip()]
+        elif suffix in (".csv", ".parquet"):
+            import pandas as pd
+
+            df = pd.read_csv(p) if suffix == ".csv" else pd.read_parquet(p)
+            prompts = [str(x) for x in df[column].tolist()]
+        else:
+            raise ConfigError(f"{p}: prompt files are .txt, .jsonl, .csv or .parquet")
+    except (OSError, KeyError, ValueError) as exc:
+        raise ConfigError(f"{p}: cannot read prompts (column {column!r}: {exc})") from None
+    prompts = [x for x in prompts if x]
+    if not prompts:
+        raise ConfigError(f"{p}: no prompts found")
+    return prompts
+
+
+class ConditionSampler:
+    """Draws a conditioning batch and gives the matching unconditional one."""
+
+    def sample(self, batch: int, generator: torch.Generator) -> Cond:  # pragma: no cover - protocol
+        raise NotImplementedError
+
+    def uncond(self, batch: int) -> Cond:  # pragma: no cover - protocol
+        raise NotImplementedError
+
+
+@dataclass
+class ClassSampler(ConditionSampler):
+    """Class labels drawn uniformly from `classes`; the null class is `num_classes`."""
+
+    num_classes: int
+    classes: list[int] | None = None
+
+    def sample(self, batch: int, generator: torch.Generator) -> Cond:
+        pool = torch.tensor(self.classes if self.classes else list(range(self.num_classes)))
+        return Cond(class_labels=pool[torch.randint(len(pool), (batch,), generator=generator)])
+
+    def uncond(self, batch: int) -> Cond:
+        return Cond(class_labels=torch.full((batch,), self.num_classes, dtype=torch.long))
+
+    def labels(self, labels: list[int]) -> Cond:
+        return Cond(class_labels=torch.tensor(labels, dtype=torch.long))
+
+
+@dataclass
+class TextSampler(ConditionSampler):
+    """Rows of precomputed text embeddings; row `empty` is the empty prompt."""
+
+    embeddings: Tensor  # (N + 1, L, D): prompts then the empty prompt
+
+    def sample(self, batch: int, generator: torch.Generator) -> Cond:
+        idx = torch.randint(self.embeddings.shape[0] - 1, (batch,), generator=generator)
+        return Cond(encoder_hidden_states=self.embeddings[idx])
+
+    def uncond(self, batch: int) -> Cond:
+        return Cond(encoder_hidden_states=self.embeddings[-1:].expand(batch, -1, -1))
+
+
+@torch.no_grad()
+def encode_prompts(teacher: Teacher, prompts: list[str], cache: Path | None = None, batch: int = 32) -> Tensor:
+    """Embed prompts (+ the empty prompt last) with the pipeline's CLIP text encoder, cached."""
+    from safetensors.torch import load_file, save_file
+
+    if cache is not None and cache.is_file():
+        emb = load_file(cache)["embeddings"]
+        if emb.shape[0] == len(prompts) + 1:
+            return emb
+    if teacher.pipeline_dir is None:
+        raise ConfigError("text conditioning needs a pipeline folder (model.pretrained) with text_encoder/ and tokenizer/")
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    root = teacher.pipeline_dir
+    tok = AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
+    enc = CLIPTextModel.from_pretrained(root / "text_encoder", local_files_only=True).eval()
+    texts = list(prompts) + [""]
+    out = []
+    for i in range(0, len(texts), batch):
+        ids = tok(texts[i : i + batch], padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+        out.append(enc(ids)[0].float())
+    emb = torch.cat(out)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"embeddings": emb.contiguous()}, cache)
+    return emb

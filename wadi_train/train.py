@@ -1,0 +1,344 @@
+"""The distillation recipe: one readable loop wiring the components (DESIGN §5).
+
+Per step: the student makes x0_hat in one step from pure noise; the VSD loss pulls it along
+(eps_teacher - eps_fake) at a random timestep (CFG on both); then the fake score learns to
+denoise the student's samples. accelerate is glue (devices, mixed precision, processes):
+the model is never DDP-wrapped, adapter gradients are averaged across processes by hand,
+so role switching stays free and every rank holds identical adapters after each step.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import Tensor, nn
+
+from wadi_train.adapters import build_roles
+from wadi_train.checkpoint import capture_rng, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from wadi_train.config import RunConfig, to_dict, validate
+from wadi_train.data import ClassSampler, ConditionSampler, TextSampler, encode_prompts, read_prompts
+from wadi_train.ema import EMA
+from wadi_train.errors import ConfigError, TrainingError
+from wadi_train.losses import denoising_loss, vsd_student_loss
+from wadi_train.models import Cond, Teacher, load_teacher
+from wadi_train.one_step import abar_at, add_noise, cfg, one_step_x0, sample_timesteps
+
+__all__ = ["TrainResult", "train", "run_dir_of", "Distiller"]
+
+log = logging.getLogger(__name__)
+METRICS = ("step", "loss_student", "loss_fake", "grad_norm_student", "grad_norm_fake", "vsd_grad_norm", "lr_student", "lr_fake", "theta_abs_mean", "theta_abs_max", "nonfinite_skipped", "seconds")
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    last: dict[str, float] = field(default_factory=dict)
+    nonfinite_skipped: int = 0
+
+
+def run_dir_of(config: RunConfig) -> Path:
+    return Path(config.output_dir)
+
+
+def _sampler(config: RunConfig, teacher: Teacher, run_dir: Path) -> ConditionSampler:
+    if config.model.conditioning == "class":
+        return ClassSampler(teacher.num_classes, config.data.classes)
+    prompts = read_prompts(config.data.prompts, config.data.prompt_column)  # type: ignore[arg-type]
+    return TextSampler(encode_prompts(teacher, prompts, run_dir / "cache" / "prompt_embeddings.safetensors"))
+
+
+class Distiller:
+    """The models, optimizers and state of one run (the loop below drives it)."""
+
+    def __init__(self, config: RunConfig, accelerator: Any, run_dir: Path):
+        self.config, self.acc, self.run_dir = config, accelerator, run_dir
+        torch.manual_seed(config.train.seed)  # identical adapter init on every process
+        self.teacher = load_teacher(config.model, accelerator.device)
+        self.roles = build_roles(self.teacher, config.adapter, config.fake)
+        self.provenance: dict[str, Any] = {"adapter": config.adapter.method, "ranks_file": config.adapter.ranks_file, "init": "zeros_xavier"}
+        if config.adapter.init_from_analysis:
+            from wadi_train.warm_start import warm_start_from_analysis
+
+            self.provenance["init"] = warm_start_from_analysis(self.roles, config.adapter.init_from_analysis)
+        if config.train.gradient_checkpointing:
+            for m in {id(x): x for x in (self.teacher.backbone, getattr(self.roles, "student", self.teacher.backbone))}.values():
+                if hasattr(m, "enable_gradient_checkpointing"):
+                    m.enable_gradient_checkpointing()
+        self.opt_s = self._optimizer(self.roles.student_parameters(), config.optim.student_lr)
+        self.opt_f = self._optimizer(self.roles.fake_parameters(), config.optim.fake_lr)
+        warm = max(config.optim.warmup_steps, 0)
+        self.sched_s = torch.optim.lr_scheduler.LambdaLR(self.opt_s, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+        self.sched_f = torch.optim.lr_scheduler.LambdaLR(self.opt_f, lambda s: 1.0)
+        self.opt_s, self.opt_f = accelerator.prepare(self.opt_s, self.opt_f)
+        self.ema = EMA(self._student_named(), decay=config.train.ema_decay) if config.train.ema_decay else None
+        self.sampler = _sampler(config, self.teacher, run_dir)
+        self.gen = torch.Generator().manual_seed(config.train.seed * 1000 + accelerator.process_index + 1)
+        self.alphas = self.teacher.alphas_cumprod.to(accelerator.device)
+        self.step = 0
+        self.nonfinite_total = 0
+
+    def _optimizer(self, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+        o = self.config.optim
+        if o.use_8bit:
+            try:
+                import bitsandbytes as bnb
+
+                return bnb.optim.AdamW8bit(params, lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)
+            except ImportError:
+                log.warning("optim.use_8bit: bitsandbytes is not installed; using torch AdamW")
+        return torch.optim.AdamW(params, lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)
+
+    def _student_named(self) -> dict[str, Tensor]:
+        state = self.roles.student_state()
+        params = self.roles.student_parameters()
+        return dict(zip(state.keys(), params)) if len(state) == len(params) else {str(i): p for i, p in enumerate(params)}
+
+    # -- one training step ------------------------------------------------------------------
+    def _randn(self, shape: tuple[int, ...]) -> Tensor:
+        return torch.randn(shape, generator=self.gen).to(self.acc.device)
+
+    def _cfg_eps(self, role: str, x_t: Tensor, t: Tensor, cond: Cond, scale: float) -> Tensor:
+        from wadi_train.one_step import eps_from_prediction
+
+        b = x_t.shape[0]
+        ab = abar_at(self.alphas, t, x_t.ndim)
+        if scale == 1.0:
+            pred = self.roles.predict(role, x_t, t, cond)
+            return eps_from_prediction(pred.float(), x_t.float(), ab, self.teacher.prediction_type)
+        both = cond.cat(self.sampler.uncond(b).to(self.acc.device))
+        pred = self.roles.predict(role, torch.cat((x_t, x_t)), torch.cat((t, t)), both).float()
+        eps = eps_from_prediction(pred, torch.cat((x_t, x_t)).float(), torch.cat((ab, ab)), self.teacher.prediction_type)
+        return cfg(eps[b:], eps[:b], scale)
+
+    def generate(self, noise: Tensor, cond: Cond) -> Tensor:
+        """One-step student samples x0_hat from pure noise (with grad when enabled)."""
+        return one_step_x0(lambda x, t: self.roles.predict("student", x, t, cond), noise, self.alphas, self.teacher.prediction_type, self.config.vsd.generator_timestep)
+
+    def _reduce_grads(self, params: list[nn.Parameter]) -> None:
+        if self.acc.num_processes > 1:
+            for p in params:
+                if p.grad is not None:
+                    p.grad = self.acc.reduce(p.grad, reduction="mean")
+
+    def _clip(self, params: list[nn.Parameter]) -> float:
+        clip = self.config.optim.grad_clip
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return 0.0
+        if clip:
+            return float(self.acc.clip_grad_norm_(params, clip))
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+
+    def train_step(self) -> dict[str, float]:
+        """One student update then one (or more) fake-score updates; returns metrics."""
+        c, v = self.config, self.config.vsd
+        b, accum = c.train.batch_size, c.train.grad_accum
+        shape = (b, *self.teacher.sample_shape)
+        x0s, conds, s_losses, vsd_norms = [], [], [], []
+        self.opt_s.zero_grad(set_to_none=True)
+        for _ in range(accum):
+            cond = self.sampler.sample(b, self.gen).to(self.acc.device)
+            z = self._randn(shape)
+            with self.acc.autocast():
+                x0_hat = self.generate(z, cond).float()
+                t = sample_timesteps(b, v.t_min, v.t_max, generator=self.gen).to(self.acc.device)
+                x_t = add_noise(x0_hat.detach(), self._randn(shape), abar_at(self.alphas, t, len(shape)))
+                with torch.no_grad():
+                    eps_t = self._cfg_eps("teacher", x_t, t, cond, v.teacher_cfg)
+                    eps_f = self._cfg_eps("fake", x_t, t, cond, v.fake_cfg)
+            loss, diag = vsd_student_loss(x0_hat, eps_t, eps_f, abar_at(self.alphas, t, len(shape)), v.weighting)
+            self.acc.backward(loss / accum)
+            s_losses.append(float(loss.detach()))
+            vsd_norms.append(float(diag.get("grad_norm", math.nan)))
+            x0s.append(x0_hat.detach())
+            conds.append(cond)
+        s_params = self.roles.student_parameters()
+        self._reduce_grads(s_params)
+        gn_s = self._clip(s_params)
+        f_losses, gn_f = [], 0.0
+        finite = all(math.isfinite(x) for x in s_losses) and math.isfinite(gn_s)
+        if finite:
+            self.opt_s.step()
+            self.sched_s.step()
+        for _ in range(c.fake.steps_per_student_step):
+            self.opt_f.zero_grad(set_to_none=True)
+            for x0, cond in zip(x0s, conds):
+                drop = torch.rand(b, generator=self.gen).to(self.acc.device) < c.fake.uncond_dropout
+                cond_d = cond.where(drop, self.sampler.uncond(b).to(self.acc.device))
+                t = sample_timesteps(b, v.fake_t_min, v.fake_t_max, generator=self.gen).to(self.acc.device)
+                noise = self._randn(shape)
+                ab = abar_at(self.alphas, t, len(shape))
+                with self.acc.autocast():
+                    pred = self.roles.predict("fake", add_noise(x0, noise, ab), t, cond_d)
+                loss_f, _ = denoising_loss(pred.float(), x0, noise, ab, self.teacher.prediction_type)
+                self.acc.backward(loss_f / accum)
+                f_losses.append(float(loss_f.detach()))
+            f_params = self.roles.fake_parameters()
+            self._reduce_grads(f_params)
+            gn_f = self._clip(f_params)
+            f_ok = all(math.isfinite(x) for x in f_losses) and math.isfinite(gn_f)
+            finite = finite and f_ok
+            if f_ok:
+                self.opt_f.step()
+                self.sched_f.step()
+        if finite and self.ema is not None:
+            self.ema.update(self._student_named())
+        self.step += 1
+        return {
+            "loss_student": sum(s_losses) / len(s_losses), "loss_fake": sum(f_losses) / max(len(f_losses), 1),
+            "grad_norm_student": gn_s, "grad_norm_fake": gn_f, "vsd_grad_norm": sum(vsd_norms) / len(vsd_norms),
+            "lr_student": self.sched_s.get_last_lr()[0], "lr_fake": self.sched_f.get_last_lr()[0],
+            **self.theta_stats(), "finite": float(finite),
+        }
+
+    def theta_stats(self) -> dict[str, float]:
+        """Mean and max |Theta| of the student's LoRaD angles (NaN for other methods)."""
+        from wadi_train.lorad import lorad_layers
+
+        if self.roles.method != "lorad":
+            return {"theta_abs_mean": math.nan, "theta_abs_max": math.nan}
+        total, count, peak = 0.0, 0, 0.0
+        with torch.no_grad():
+            for _, layer in lorad_layers(self.teacher.backbone):
+                if "student" in layer.theta_a:
+                    th = (layer.theta_a["student"].float() @ layer.theta_b["student"].float()).abs()
+                    total += float(th.sum())
+                    count += th.numel()
+                    peak = max(peak, float(th.max()))
+        return {"theta_abs_mean": total / max(count, 1), "theta_abs_max": peak}
+
+    # -- state ------------------------------------------------------------------------------
+    def save(self) -> Path | None:
+        self.acc.wait_for_everyone()
+        if not self.acc.is_main_process:
+            return None
+        tensors = {"student": self.roles.student_state(), "fake": self.roles.fake_state()}
+        if self.ema is not None:
+            tensors["ema"] = {k: v for k, v in self.ema.state_dict()["shadow"].items()}
+        return save_checkpoint(
+            self.run_dir, self.step, tensors=tensors,
+            optimizers={"student": self.opt_s.state_dict(), "fake": self.opt_f.state_dict()},
+            schedulers={"student": self.sched_s.state_dict(), "fake": self.sched_f.state_dict()},
+            rng=capture_rng({"train": self.gen}),
+            extra={"nonfinite_total": self.nonfinite_total, "ema_updates": self.ema.state_dict()["num_updates"] if self.ema else 0, "provenance": self.provenance},
+            config=to_dict(self.config), keep=self.config.train.keep_checkpoints,
+        )
+
+    def load(self, path: Path) -> None:
+        ck = load_checkpoint(path)
+        self.roles.load_states(ck.tensors["student"], ck.tensors["fake"])
+        self.opt_s.load_state_dict(ck.optimizers["student"])
+        self.opt_f.load_state_dict(ck.optimizers["fake"])
+        self.sched_s.load_state_dict(ck.schedulers["student"])
+        self.sched_f.load_state_dict(ck.schedulers["fake"])
+        restore_rng(ck.rng, {"train": self.gen})
+        if self.ema is not None and "ema" in ck.tensors:
+            self.ema.load_state_dict({"shadow": ck.tensors["ema"], "num_updates": int(ck.extra.get("ema_updates", 0))})
+        self.step = ck.step
+        self.nonfinite_total = int(ck.extra.get("nonfinite_total", 0))
+
+
+def _write_run_files(config: RunConfig, run_dir: Path) -> None:
+    import diffusers
+
+    from wadi_train import __version__
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    prov = {"version": __version__, "command": sys.argv, "python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__, "git": _git_hash()}
+    (run_dir / "provenance.json").write_text(json.dumps(prov, indent=2))
+
+
+def _git_hash() -> str | None:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _append_metrics(path: Path, row: dict[str, float]) -> None:
+    new = not path.exists()
+    with path.open("a", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=METRICS, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
+def train(config: RunConfig, resume: bool = False, progress: Callable[[int, int, dict[str, float]], None] | None = None, stop_after: int | None = None) -> TrainResult:
+    """Run (or resume) a distillation; returns where it wrote and the last metrics.
+
+    Args:
+        config: the validated run config.
+        resume: continue from the run folder's latest checkpoint (bit-exact).
+        progress: called as progress(step, total, metrics) after each step.
+        stop_after: stop (and checkpoint) after this many steps of this call (tests, time limits).
+    """
+    from accelerate import Accelerator
+
+    problems = validate(config)
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+    device = config.train.device
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()  # a process may run several trainings (tests, the demo)
+    acc = Accelerator(cpu=device == "cpu" or not torch.cuda.is_available(), mixed_precision=config.train.mixed_precision)
+    run_dir = run_dir_of(config)
+    if run_dir.exists() and latest_checkpoint(run_dir) is not None and not resume:
+        raise ConfigError(f"{run_dir}: holds a run already; pass --resume to continue it or choose another output_dir")
+    if acc.is_main_process:
+        _write_run_files(config, run_dir)
+    d = Distiller(config, acc, run_dir)
+    if resume:
+        ck = latest_checkpoint(run_dir)
+        if ck is None:
+            raise ConfigError(f"{run_dir}: no checkpoint to resume from")
+        d.load(ck)
+        log.info("resumed from %s at step %d", ck, d.step)
+    total = config.train.steps
+    consecutive = 0
+    last: dict[str, float] = {}
+    start = time.perf_counter()
+    done_here = 0
+    while d.step < total:
+        m = d.train_step()
+        done_here += 1
+        if not m.pop("finite"):
+            consecutive += 1
+            d.nonfinite_total += 1
+            log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", d.step, consecutive)
+            if consecutive >= config.train.max_nonfinite_steps:
+                raise TrainingError(f"{consecutive} consecutive non-finite steps at step {d.step}; stopped without writing NaN weights. The last good checkpoint is in {run_dir / 'checkpoints'}; lower optim.student_lr / optim.fake_lr or check the teacher")
+        else:
+            consecutive = 0
+        last = {"step": d.step, **m, "nonfinite_skipped": d.nonfinite_total, "seconds": round(time.perf_counter() - start, 3)}
+        if acc.is_main_process and (d.step % config.train.log_every == 0 or d.step == total):
+            _append_metrics(run_dir / "metrics.csv", last)
+        if config.train.sample_every and d.step % config.train.sample_every == 0 and acc.is_main_process:
+            from wadi_train.generate import write_student_samples
+
+            write_student_samples(d, run_dir / "samples" / f"step-{d.step:06d}.png")
+        if d.step % config.train.checkpoint_every == 0 or d.step == total or (stop_after is not None and done_here >= stop_after):
+            d.save()
+        if progress is not None:
+            progress(d.step, total, last)
+        if stop_after is not None and done_here >= stop_after:
+            break
+    acc.wait_for_everyone()
+    return TrainResult(run_dir, d.step, last, d.nonfinite_total)
