@@ -127,3 +127,39 @@ def generate(
     images = _run(lambda: gen(model, class_, n, seed, height, width, device))
     save_grid(images, output)
     out.print(f"{n} samples: {output}")
+
+
+@app.command()
+def demo(
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where the reports go")] = Path("reports/digits"),
+    cache: Annotated[Path, typer.Option(help="Cache for the teacher and the classifier")] = Path(".cache/wadi_train"),
+    quick: Annotated[bool, typer.Option(help="A few steps of everything (CI, smoke test; under 3 minutes)")] = False,
+    retrain: Annotated[bool, typer.Option(help="Retrain the cached teacher")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """The main job: digits teacher -> weightlens analysis -> one-step students -> evaluation."""
+    from rich.table import Table
+
+    from wadi_train.demo.pipeline import run_digits_demo
+    from wadi_train.demo.settings import FULL, QUICK
+
+    _setup(quiet)
+
+    def work() -> None:
+        bar = Progress(TextColumn("[bold]{task.fields[stage]:<14}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.description}"), console=err, disable=quiet)
+        tasks: dict[str, int] = {}
+
+        def stage(name: str, done: int, total: int, note: str) -> None:
+            if name not in tasks:
+                tasks[name] = bar.add_task(note, total=total, stage=name)
+            bar.update(tasks[name], completed=done, total=total, description=note)
+
+        with bar:
+            doc = run_digits_demo(output, cache, QUICK if quick else FULL, retrain=retrain, stage=stage)
+        table = Table("model", "steps", "FID", "accuracy", "ms/img", "params", title="digits: one-step students vs the teacher")
+        for r in doc["results"]:
+            table.add_row(r["name"], str(r["steps"]), f"{r['fid']:.3g}", f"{r['accuracy']:.1%}", f"{r['ms_per_image']:.3g}", f"{r['trainable_params']:,}" if r["trainable_params"] else "–")
+        out.print(table)
+        out.print(f"report: {output / 'index.html'}  ({doc['seconds']:.0f} s)")
+
+    _run(work)

@@ -242,6 +242,10 @@ def validate(config: RunConfig, check_files: bool = True) -> list[str]:
     """Every cross-field problem, as a list of one-line messages (empty when valid)."""
     e: list[str] = []
     m, a, f, v, o, t = config.model, config.adapter, config.fake, config.vsd, config.optim, config.train
+    from wadi_train.models import FAMILIES
+
+    if m.family not in FAMILIES:
+        e.append(f"model.family = {m.family!r}: use one of {sorted(FAMILIES)}")
     if m.prediction_type not in PREDICTION_TYPES:
         e.append(f"model.prediction_type = {m.prediction_type!r}: use one of {PREDICTION_TYPES}")
     if m.conditioning not in ("class", "text"):
@@ -259,7 +263,9 @@ def validate(config: RunConfig, check_files: bool = True) -> list[str]:
     _range(e, "fake.uncond_dropout", f.uncond_dropout, 0, 1)
     _range(e, "vsd.t_min", v.t_min, 0, m.num_train_timesteps - 1)
     _range(e, "vsd.t_max", v.t_max, 0, m.num_train_timesteps - 1)
+    _range(e, "vsd.fake_t_min", v.fake_t_min, 0, m.num_train_timesteps - 1)
     _range(e, "vsd.fake_t_max", v.fake_t_max, 0, m.num_train_timesteps - 1)
+    _range(e, "vsd.generator_timestep", v.generator_timestep, 0, m.num_train_timesteps - 1)
     if v.t_min > v.t_max or v.fake_t_min > v.fake_t_max:
         e.append("vsd: t_min must not exceed t_max (and fake_t_min not fake_t_max)")
     from wadi_train.losses import WEIGHTINGS
@@ -272,9 +278,12 @@ def validate(config: RunConfig, check_files: bool = True) -> list[str]:
         e.append(f"optim.betas = {o.betas}: give two numbers")
     if t.mixed_precision not in MIXED_PRECISION:
         e.append(f"train.mixed_precision = {t.mixed_precision!r}: use one of {MIXED_PRECISION}")
-    for where, value in (("train.steps", t.steps), ("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum), ("train.max_nonfinite_steps", t.max_nonfinite_steps)):
+    for where, value in (("train.steps", t.steps), ("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum), ("train.max_nonfinite_steps", t.max_nonfinite_steps), ("train.checkpoint_every", t.checkpoint_every), ("train.keep_checkpoints", t.keep_checkpoints), ("train.log_every", t.log_every)):
         _range(e, where, value, 1)
     _range(e, "train.ema_decay", t.ema_decay, 0, 1)
+    bad_classes = [c for c in config.data.classes or [] if not (isinstance(c, int) and 0 <= c < m.num_classes)]
+    if bad_classes:
+        e.append(f"data.classes: {bad_classes} outside [0, model.num_classes = {m.num_classes})")
     if m.conditioning == "text" and config.data.prompts is None:
         e.append("data.prompts: text conditioning needs a prompt file (.txt, .jsonl, .csv or .parquet)")
     if check_files:

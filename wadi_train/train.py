@@ -222,6 +222,14 @@ class Distiller:
 
     # -- state ------------------------------------------------------------------------------
     def save(self) -> Path | None:
+        """Checkpoint (main process writes; every rank's RNG state is kept for exact resume)."""
+        rng = capture_rng({"train": self.gen})
+        if self.acc.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            ranks = gather_object([rng])
+        else:
+            ranks = [rng]
         self.acc.wait_for_everyone()
         if not self.acc.is_main_process:
             return None
@@ -232,7 +240,7 @@ class Distiller:
             self.run_dir, self.step, tensors=tensors,
             optimizers={"student": self.opt_s.state_dict(), "fake": self.opt_f.state_dict()},
             schedulers={"student": self.sched_s.state_dict(), "fake": self.sched_f.state_dict()},
-            rng=capture_rng({"train": self.gen}),
+            rng={"ranks": ranks},
             extra={"nonfinite_total": self.nonfinite_total, "ema_updates": self.ema.state_dict()["num_updates"] if self.ema else 0, "provenance": self.provenance},
             config=to_dict(self.config), keep=self.config.train.keep_checkpoints,
         )
@@ -244,7 +252,10 @@ class Distiller:
         self.opt_f.load_state_dict(ck.optimizers["fake"])
         self.sched_s.load_state_dict(ck.schedulers["student"])
         self.sched_f.load_state_dict(ck.schedulers["fake"])
-        restore_rng(ck.rng, {"train": self.gen})
+        ranks = ck.rng["ranks"]
+        if len(ranks) != self.acc.num_processes:
+            log.warning("checkpoint from %d processes resumed on %d: random streams differ from an uninterrupted run", len(ranks), self.acc.num_processes)
+        restore_rng(ranks[min(self.acc.process_index, len(ranks) - 1)], {"train": self.gen})
         if self.ema is not None and "ema" in ck.tensors:
             self.ema.load_state_dict({"shadow": ck.tensors["ema"], "num_updates": int(ck.extra.get("ema_updates", 0))})
         self.step = ck.step
@@ -280,7 +291,7 @@ def _append_metrics(path: Path, row: dict[str, float]) -> None:
         w.writerow(row)
 
 
-def train(config: RunConfig, resume: bool = False, progress: Callable[[int, int, dict[str, float]], None] | None = None, stop_after: int | None = None) -> TrainResult:
+def train(config: RunConfig, resume: bool = False, progress: Callable[[int, int, dict[str, float]], None] | None = None, stop_after: int | None = None, on_step: Callable[[Distiller], None] | None = None) -> TrainResult:
     """Run (or resume) a distillation; returns where it wrote and the last metrics.
 
     Args:
@@ -288,6 +299,7 @@ def train(config: RunConfig, resume: bool = False, progress: Callable[[int, int,
         resume: continue from the run folder's latest checkpoint (bit-exact).
         progress: called as progress(step, total, metrics) after each step.
         stop_after: stop (and checkpoint) after this many steps of this call (tests, time limits).
+        on_step: called with the Distiller after each step, on every process (tests, hooks).
     """
     from accelerate import Accelerator
 
@@ -338,6 +350,8 @@ def train(config: RunConfig, resume: bool = False, progress: Callable[[int, int,
             d.save()
         if progress is not None:
             progress(d.step, total, last)
+        if on_step is not None:
+            on_step(d)
         if stop_after is not None and done_here >= stop_after:
             break
     acc.wait_for_everyone()

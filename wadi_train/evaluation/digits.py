@@ -14,6 +14,8 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +50,7 @@ log = logging.getLogger(__name__)
 SIZES = (8, 16)
 NUM_CLASSES = 10
 FEATURE_DIM = 64
-DEFAULT_EPOCHS = 30
+DEFAULT_EPOCHS = 15
 _PIXEL_MAX = 16.0  # load_digits pixels are integers 0..16
 
 
@@ -97,12 +99,13 @@ def load_digits_split(size: int = 8, test_fraction: float = 0.25, seed: int = 0)
     )
     tr, te = torch.from_numpy(idx_train), torch.from_numpy(idx_test)
     return DigitsSplit(
-        x_train=images[tr].contiguous(), y_train=labels[tr], x_test=images[te].contiguous(), y_test=labels[te]
+        x_train=images[tr].contiguous(), y_train=labels[tr],
+        x_test=images[te].contiguous(), y_test=labels[te],
     )
 
 
 class DigitsClassifier(nn.Module):
-    """Small CNN: conv 32 -> conv 64 -> conv 64 (stride 2) -> 2x2 pool -> 64 features -> 10.
+    """Small CNN: conv 32 -> conv 64 (BatchNorm) -> pool to 2x2 -> 64 features -> 10 logits.
 
     The adaptive pool makes it work for any input size; `size` records the side it is meant
     for so that evaluation can refuse samples of another resolution.
@@ -114,10 +117,10 @@ class DigitsClassifier(nn.Module):
             raise EvaluationError(f"DigitsClassifier size must be one of {SIZES}, got {size}")
         self.size = size
         self.body = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(64, 64, 3, padding=1, stride=2), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(2), nn.Flatten(),  # (B, 256): keeps a coarse layout
+            nn.Conv2d(1, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.AdaptiveAvgPool2d(2), nn.Flatten(),  # (B, 256): keeps a coarse 2x2 layout
             nn.Linear(256, FEATURE_DIM), nn.ReLU(),
         )
         self.dropout = nn.Dropout(0.2)
@@ -144,6 +147,17 @@ def _augment(x: Tensor, generator: torch.Generator, noise_std: float) -> Tensor:
     return shifted + noise_std * torch.randn(shifted.shape, generator=generator)
 
 
+@contextmanager
+def _intra_op_threads(num_threads: int | None) -> Iterator[None]:
+    before = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def train_classifier(
     split: DigitsSplit,
     epochs: int = DEFAULT_EPOCHS,
@@ -151,38 +165,40 @@ def train_classifier(
     batch_size: int = 64,
     lr: float = 3e-3,
     noise_std: float = 0.1,
+    num_threads: int | None = 1,
 ) -> DigitsClassifier:
     """Train a `DigitsClassifier` on `split.x_train`; deterministic given `seed` on one machine.
 
     AdamW with a one-cycle schedule; each batch is shifted by up to +-1 px and gets Gaussian
-    noise. The global torch RNG is left as it was.
+    noise. The global torch RNG is left as it was. About 10 s at 8px and 25 s at 16px with
+    the default 15 epochs on a busy 2-core CPU (98-99% test accuracy).
+
+    Args:
+        split: the data; trains on the train split, reports accuracy on the test split.
+        epochs: passes over the train split.
+        seed: seeds the initial weights, batch order and augmentation.
+        batch_size: images per step.
+        lr: peak learning rate of the one-cycle schedule.
+        noise_std: standard deviation of the Gaussian noise added to each training image.
+        num_threads: torch intra-op threads while training, restored afterwards. Batches of
+            64 tiny images are too small to split: on a shared 2-core machine 2 threads ran
+            ~10x slower per step than 1. None keeps the current setting.
 
     Returns:
         The trained classifier in eval mode, on CPU.
     """
-    if epochs < 1:
-        raise EvaluationError(f"epochs must be >= 1, got {epochs}")
-    with torch.random.fork_rng(devices=[]):
+    if epochs < 1 or batch_size < 2:
+        raise EvaluationError(
+            f"need epochs >= 1 and batch_size >= 2, got {epochs} and {batch_size}"
+        )
+    start = time.perf_counter()
+    # Dropout draws from the global RNG: seed a forked copy so that the weights depend on
+    # `seed` alone and the caller's RNG stream is untouched.
+    with torch.random.fork_rng(devices=[]), _intra_op_threads(num_threads):
         torch.manual_seed(seed)
         model = DigitsClassifier(size=split.size)
-    gen = torch.Generator().manual_seed(seed)
-    n = len(split.y_train)
-    steps_per_epoch = -(-n // batch_size)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
-    start = time.perf_counter()
-    model.train()
-    for epoch in range(epochs):
-        order = torch.randperm(n, generator=gen)
-        for i in range(0, n, batch_size):
-            idx = order[i : i + batch_size]
-            x = _augment(split.x_train[idx], gen, noise_std)
-            loss = F.cross_entropy(model(x), split.y_train[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        log.debug("digits classifier epoch %d/%d: last loss %.4f", epoch + 1, epochs, loss.item())
+        gen = torch.Generator().manual_seed(seed)  # batch order and augmentation
+        _fit(model, split, epochs, batch_size, lr, noise_std, gen)
     model.eval()
     acc = classifier_accuracy(model, split.x_test, split.y_test)
     log.info(
@@ -190,6 +206,31 @@ def train_classifier(
         split.size, epochs, time.perf_counter() - start, acc,
     )
     return model
+
+
+def _fit(
+    model: DigitsClassifier, split: DigitsSplit, epochs: int, batch_size: int, lr: float,
+    noise_std: float, gen: torch.Generator,
+) -> None:
+    """The training loop: AdamW, one-cycle learning rate, augmented shuffled batches."""
+    n = len(split.y_train)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    total = epochs * -(-n // batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total)
+    model.train()
+    for epoch in range(epochs):
+        order = torch.randperm(n, generator=gen)
+        for i in range(0, n, batch_size):
+            idx = order[i : i + batch_size]
+            if len(idx) < 2:  # BatchNorm cannot train on a single image
+                continue
+            x = _augment(split.x_train[idx], gen, noise_std)
+            loss = F.cross_entropy(model(x), split.y_train[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        log.debug("digits classifier epoch %d/%d: last loss %.4f", epoch + 1, epochs, loss.item())
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -223,7 +264,9 @@ def _check_images(classifier: DigitsClassifier, x: Tensor) -> None:
         raise EvaluationError("images contain NaN or inf")
 
 
-def classifier_accuracy(classifier: DigitsClassifier, x: Tensor, y: Tensor, batch_size: int = 512) -> float:
+def classifier_accuracy(
+    classifier: DigitsClassifier, x: Tensor, y: Tensor, batch_size: int = 512
+) -> float:
     """Fraction of images (N, 1, H, W) whose predicted class equals `y` (N,)."""
     _, preds = _predict(classifier, x, batch_size)
     return float((preds == y.cpu()).double().mean())
@@ -274,12 +317,15 @@ def evaluate_samples(
         A `SampleMetrics` record.
     """
     if labels.ndim != 1 or len(labels) != len(samples):
-        raise EvaluationError(f"labels must have shape ({len(samples)},), got {tuple(labels.shape)}")
+        raise EvaluationError(
+            f"labels must have shape ({len(samples)},), got {tuple(labels.shape)}"
+        )
     if len(labels) and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
         raise EvaluationError(f"labels must lie in 0..{NUM_CLASSES - 1}")
     feats, preds = _predict(classifier, samples, batch_size)
     accuracy = float((preds == labels.cpu().long()).double().mean())
-    return SampleMetrics(fid=frechet_distance(feature_stats(feats), reference), accuracy=accuracy, n=len(labels))
+    fid = frechet_distance(feature_stats(feats), reference)
+    return SampleMetrics(fid=fid, accuracy=accuracy, n=len(labels))
 
 
 def _cache_paths(cache_dir: Path, size: int) -> tuple[Path, Path]:
@@ -292,21 +338,30 @@ def _load_cached(weights: Path, meta: Path, size: int, seed: int) -> DigitsClass
         return None
     try:
         info = json.loads(meta.read_text()) if meta.exists() else {}
+        if not isinstance(info, dict):
+            raise ValueError(f"{meta.name} is not a JSON object")
         if info.get("seed", seed) != seed:
-            log.info("cached %s was trained with seed %s, not %d; retraining", weights, info["seed"], seed)
+            log.info(
+                "cached %s was trained with seed %s, not %d; retraining", weights, info["seed"], seed
+            )
             return None
         model = DigitsClassifier(size=size)
-        model.load_state_dict(load_file(weights), strict=True)  # raises on missing keys or shapes
+        # strict: a missing key, an extra key or a wrong shape raises RuntimeError
+        model.load_state_dict(load_file(weights), strict=True)
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         log.warning("cached digits classifier %s is unusable (%s); retraining it", weights, exc)
         return None
-    log.info("loaded %dpx digits classifier from %s (test accuracy %s)", size, weights, info.get("test_accuracy"))
+    log.info(
+        "loaded %dpx digits classifier from %s (test accuracy %s)",
+        size, weights, info.get("test_accuracy"),
+    )
     return model.eval()
 
 
-def _atomic_write(path: Path, write: object) -> None:
+def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """Write via a temporary sibling and rename, so a crash never leaves a half-written cache."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)  # type: ignore[operator]
+    write(tmp)
     os.replace(tmp, path)
 
 
@@ -334,7 +389,9 @@ def load_or_train_classifier(
         The classifier in eval mode, on CPU.
     """
     if split.size != size:
-        raise EvaluationError(f"split images are {split.size}px but size={size}; load the split with size={size}")
+        raise EvaluationError(
+            f"split images are {split.size}px but size={size}; load the split with size={size}"
+        )
     cache_dir = Path(cache_dir)
     weights, meta = _cache_paths(cache_dir, size)
     model = _load_cached(weights, meta, size, seed)

@@ -127,7 +127,9 @@ def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
         EvaluationError: the dimensions differ or a covariance is not PSD.
     """
     if a.dim != b.dim:
-        raise EvaluationError(f"feature dimensions differ: {a.dim} vs {b.dim}; use one feature extractor")
+        raise EvaluationError(
+            f"feature dimensions differ: {a.dim} vs {b.dim}; use one feature extractor"
+        )
     s1 = np.asarray(a.sigma, dtype=np.float64)
     s2 = np.asarray(b.sigma, dtype=np.float64)
     diff = np.asarray(a.mu, dtype=np.float64) - np.asarray(b.mu, dtype=np.float64)
@@ -148,7 +150,12 @@ def save_stats(stats: FeatureStats, path: str | Path) -> Path:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     with p.open("wb") as fh:  # a file handle stops NumPy from appending a second ".npz"
-        np.savez(fh, mu=np.asarray(stats.mu, np.float64), sigma=np.asarray(stats.sigma, np.float64), n=np.int64(stats.n))
+        np.savez(
+            fh,
+            mu=np.asarray(stats.mu, np.float64),
+            sigma=np.asarray(stats.sigma, np.float64),
+            n=np.int64(stats.n),
+        )
     log.debug("saved feature statistics (D=%d, n=%d) to %s", stats.dim, stats.n, p)
     return p
 
@@ -167,5 +174,7 @@ def load_stats(path: str | Path) -> FeatureStats:
                 raise EvaluationError(f"{p}: not a statistics file, missing {sorted(missing)}")
             mu, sigma, n = data["mu"], data["sigma"], int(data["n"])
     except (OSError, ValueError) as exc:
-        raise EvaluationError(f"{p}: cannot read feature statistics ({exc}); recompute them") from None
+        raise EvaluationError(
+            f"{p}: cannot read feature statistics ({exc}); recompute them"
+        ) from None
     return FeatureStats(mu=mu.astype(np.float64), sigma=sigma.astype(np.float64), n=n)

@@ -1,0 +1,220 @@
+"""The main job: digits end to end, teacher -> analysis -> one-step students -> evaluation.
+
+1. sklearn's digits at native 8x8 (the 2-core budget: 0.16 s per teacher step at 8x8 vs 1 s
+   at 16x16), fixed stratified split; 2. a DDPM teacher (cached); 3. a reference one-step
+   student by full fine-tuning VSD, and `weightlens compare teacher reference` with a 10 %
+   budget -> ranks.json; 4. students with VSD: LoRaD at the fitted ranks, LoRaD at a uniform
+   rank, PEFT LoRA at a uniform rank (both at the fitted budget) and full fine-tuning; 5. FID
+   in a digits classifier's feature space and class accuracy for each student (1 step) and
+   the teacher (DDIM 1/4/50 steps), plus time per image; 6. reports under `out/`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from wadi_train.config import from_dict
+from wadi_train.demo.settings import DemoSettings
+from wadi_train.demo.teacher import NUM_CLASSES, digits_unet_config, load_or_train_teacher
+from wadi_train.evaluation.digits import evaluate_samples, load_digits_split, load_or_train_classifier, reference_stats
+from wadi_train.export import export_run
+from wadi_train.generate import save_grid
+from wadi_train.models import Cond, denoise
+from wadi_train.one_step import one_step_x0
+from wadi_train.sampling import ddim_sample
+from wadi_train.train import train
+
+__all__ = ["Stage", "ModelResult", "run_digits_demo"]
+
+log = logging.getLogger(__name__)
+Stage = Callable[[str, int, int, str], None]  # (stage, done, total, note)
+
+
+@dataclass(frozen=True)
+class ModelResult:
+    """One row of the results table."""
+
+    name: str
+    kind: str  # teacher | student
+    steps: int  # sampling steps
+    fid: float
+    accuracy: float
+    ms_per_image: float
+    trainable_params: int | None = None
+    train_seconds: float | None = None
+
+
+def _run_config(out: Path, teacher_w: Path, s: DemoSettings, name: str, adapter: dict[str, Any], steps: int, lr: float) -> dict[str, Any]:
+    return {
+        "name": name, "output_dir": str(out / "runs" / name),
+        "model": {"config": digits_unet_config(s.teacher.size, s.teacher.width), "weights": str(teacher_w), "num_classes": NUM_CLASSES},
+        "adapter": adapter,
+        "fake": {"rank": s.fake_rank},
+        "vsd": {"teacher_cfg": s.guidance, "fake_cfg": s.guidance},
+        "optim": {"student_lr": lr, "fake_lr": s.fake_lr},
+        "train": {"steps": steps, "batch_size": s.batch_size, "checkpoint_every": steps, "log_every": max(1, steps // 100), "ema_decay": None, "seed": s.seed, "device": "cpu"},
+    }
+
+
+def _distil(cfg: dict[str, Any], stage: Stage, label: str) -> tuple[Path, float]:
+    """Train (or reuse a finished run) and export; returns (export folder, seconds)."""
+    config = from_dict(cfg)
+    run = Path(config.output_dir)
+    done_file = run / "done.json"
+    if done_file.is_file() and json.loads(done_file.read_text()).get("config") == cfg:
+        return run / "export", float(json.loads(done_file.read_text())["seconds"])
+    if run.exists():
+        import shutil
+
+        shutil.rmtree(run)
+    start = time.perf_counter()
+    train(config, progress=lambda i, n, m: stage(label, i, n, f"student {m.get('loss_student', float('nan')):.4f}"))
+    seconds = time.perf_counter() - start
+    export_run(run, run / "export", overwrite=True)
+    done_file.write_text(json.dumps({"config": cfg, "seconds": seconds}))
+    return run / "export", seconds
+
+
+def _load_student(export: Path) -> nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(export / "model").eval()
+
+
+def _labels(n: int) -> torch.Tensor:
+    return torch.arange(n) % NUM_CLASSES
+
+
+@torch.no_grad()
+def _one_step_samples(model: nn.Module, alphas: torch.Tensor, n: int, seed: int, shape: tuple[int, int, int]) -> tuple[torch.Tensor, float]:
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn((n, *shape), generator=gen)
+    cond = Cond(class_labels=_labels(n))
+    start = time.perf_counter()
+    x = one_step_x0(lambda x, t: denoise(model, "unet2d_condition", x, t, cond), noise, alphas, "epsilon")
+    return x.clamp(-1, 1), (time.perf_counter() - start) * 1000 / n
+
+
+@torch.no_grad()
+def _teacher_samples(model: nn.Module, sched_cfg: dict[str, Any], n: int, steps: int, s: DemoSettings, shape: tuple[int, int, int]) -> tuple[torch.Tensor, float]:
+    gen = torch.Generator().manual_seed(s.seed + 7)
+    noise = torch.randn((n, *shape), generator=gen)
+    cond, uncond = Cond(class_labels=_labels(n)), Cond(class_labels=torch.full((n,), NUM_CLASSES))
+    start = time.perf_counter()
+    x = ddim_sample(model, "unet2d_condition", noise, cond, uncond, sched_cfg, steps, s.guidance)
+    return x.clamp(-1, 1), (time.perf_counter() - start) * 1000 / n
+
+
+def run_digits_demo(out: Path, cache: Path, s: DemoSettings, retrain: bool = False, stage: Stage | None = None) -> dict[str, Any]:
+    """Run the whole pipeline; writes everything under `out` and returns results.json's content."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    import weightlens
+    from weightlens.output import write_analysis
+
+    stage = stage or (lambda *a: None)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    split = load_digits_split(size=s.teacher.size, seed=s.seed)
+    teacher_w, tinfo = load_or_train_teacher(cache, split.x_train, split.y_train, s.teacher, retrain, progress=lambda i, n, loss: stage("teacher", i, n, f"loss {loss:.4f}"))
+    stage("classifier", 0, 1, "")
+    clf = load_or_train_classifier(cache, split, s.teacher.size)
+    ref = reference_stats(clf, split)
+    stage("classifier", 1, 1, "")
+    shape = (1, s.teacher.size, s.teacher.size)
+    sched = DDPMScheduler(num_train_timesteps=1000)
+    alphas = sched.alphas_cumprod.float()
+
+    # 3. reference student and its weightlens analysis -> fitted ranks under the budget
+    ref_export, _ = _distil(_run_config(out, teacher_w, s, "reference-full", {"method": "full"}, s.reference_steps, s.full_lr), stage, "reference")
+    analysis_dir = out / "weightlens" / "reference-full"
+    analysis = weightlens.compare(teacher_w, ref_export / "model", weightlens.CompareOptions(budget=s.budget, timestamps=False))
+    write_analysis(analysis, analysis_dir, overwrite=True, timestamp=False)
+    ranks_file = analysis_dir / "ranks.json"
+    budget = analysis.ranks.trainable_params
+    uniform = _uniform_ranks(teacher_w, s, budget)
+
+    # 4. students, same seed / steps / data
+    adapters = {
+        "lorad_fitted": ({"method": "lorad", "ranks_file": str(ranks_file)}, s.student_lr),
+        "lorad_uniform": ({"method": "lorad", "rank": uniform["lorad"]}, s.student_lr),
+        "lora": ({"method": "lora", "rank": uniform["lora"]}, s.student_lr),
+        "full": ({"method": "full"}, s.full_lr),
+    }
+    results: list[ModelResult] = []
+    grids: dict[str, str] = {}
+    (out / "grids").mkdir(exist_ok=True)
+    for name in s.methods:
+        adapter, lr = adapters[name]
+        export, seconds = _distil(_run_config(out, teacher_w, s, name, adapter, s.student_steps, lr), stage, name)
+        stage("evaluate", 0, 1, name)
+        model = _load_student(export)
+        x, ms = _one_step_samples(model, alphas, s.eval_samples, s.seed + 1, shape)
+        m = evaluate_samples(clf, x, _labels(len(x)), ref)
+        params = _trainable(out / "runs" / name)
+        results.append(ModelResult(name, "student", 1, m.fid, m.accuracy, ms, params, round(seconds, 1)))
+        grids[name] = str(save_grid(x[:100], out / "grids" / f"{name}.png", nrow=10).relative_to(out))
+        a = weightlens.compare(teacher_w, export / "model", weightlens.CompareOptions(budget=s.budget, timestamps=False))
+        write_analysis(a, out / "weightlens" / name, overwrite=True, timestamp=False)
+
+    # 5. the teacher at several DDIM step counts
+    teacher = UNet2DConditionModel.from_config(digits_unet_config(s.teacher.size, s.teacher.width))
+    from safetensors.torch import load_file
+
+    teacher.load_state_dict(load_file(teacher_w))
+    teacher.eval()
+    for steps in s.teacher_steps:
+        stage("evaluate", 0, 1, f"teacher {steps} steps")
+        x, ms = _teacher_samples(teacher, dict(sched.config), s.eval_samples, steps, s, shape)
+        m = evaluate_samples(clf, x, _labels(len(x)), ref)
+        results.append(ModelResult(f"teacher_ddim{steps}", "teacher", steps, m.fid, m.accuracy, ms))
+        grids[f"teacher_ddim{steps}"] = str(save_grid(x[:100], out / "grids" / f"teacher_ddim{steps}.png", nrow=10).relative_to(out))
+
+    doc = {
+        "settings": _jsonable(asdict(s)), "teacher": tinfo, "budget_params": budget,
+        "backbone_params": analysis.backbone_params, "uniform_ranks": uniform,
+        "reference_analysis": {"dir_to_norm_ratio": analysis.summary.dir_to_norm_ratio, "norm_rel_mean": analysis.summary.norm_rel_mean, "dir_mean": analysis.summary.dir_mean},
+        "results": [asdict(r) for r in results], "grids": grids, "seconds": round(time.perf_counter() - start, 1),
+    }
+    (out / "results.json").write_text(json.dumps(_jsonable(doc), indent=2))
+    from wadi_train.demo.report import write_demo_report
+
+    write_demo_report(out, doc)
+    return doc
+
+
+def _jsonable(x: Any) -> Any:
+    return json.loads(json.dumps(x, default=str))
+
+
+def _trainable(run: Path) -> int | None:
+    from wadi_train.checkpoint import latest_checkpoint, load_checkpoint
+
+    ck = latest_checkpoint(run)
+    if ck is None:
+        return None
+    return sum(v.numel() for v in load_checkpoint(ck).tensors["student"].values())
+
+
+def _uniform_ranks(teacher_w: Path, s: DemoSettings, budget: int) -> dict[str, int]:
+    """Uniform LoRaD and LoRA ranks over the block Linears that spend about `budget`."""
+    from diffusers import UNet2DConditionModel
+
+    from wadi_train.config import BLOCK_LINEARS
+    import re
+
+    with torch.device("meta"):
+        model = UNet2DConditionModel.from_config(digits_unet_config(s.teacher.size, s.teacher.width))
+    linears = [m for n, m in model.named_modules() if isinstance(m, nn.Linear) and re.fullmatch(BLOCK_LINEARS, n)]
+    lorad_unit = sum(m.out_features + m.in_features // 2 for m in linears)
+    lora_unit = sum(m.out_features + m.in_features for m in linears)
+    return {"lorad": max(1, round(budget / lorad_unit)), "lora": max(1, round(budget / lora_unit))}
