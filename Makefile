@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo demo-quick test test-all bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,10 @@ install: $(BIN)/python
 	$(BIN)/python -m pip install -q -e ".[dev]"
 
 demo: install
-	$(BIN)/weightlens demo -o weightlens-demo
+	$(BIN)/wadi-train demo -o reports/digits
+
+demo-quick: install
+	$(BIN)/wadi-train demo --quick -o reports/digits-quick
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
@@ -27,6 +30,7 @@ test-all: install
 
 bench: install
 	$(BIN)/python bench/compare_sd15.py
+	$(BIN)/python bench/lorad_step.py
 
 clean:
-	rm -rf $(VENV) weightlens-demo .pytest_cache
+	rm -rf $(VENV) reports/digits-quick .cache .pytest_cache

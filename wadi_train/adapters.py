@@ -65,6 +65,7 @@ class Roles(Protocol):
     def student_parameters(self) -> list[nn.Parameter]: ...
     def fake_parameters(self) -> list[nn.Parameter]: ...
     def predict(self, role: str, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor: ...
+    def activate(self, role: str) -> None: ...
     def student_state(self) -> dict[str, Tensor]: ...
     def fake_state(self) -> dict[str, Tensor]: ...
     def load_states(self, student: dict[str, Tensor], fake: dict[str, Tensor]) -> None: ...
@@ -121,6 +122,11 @@ class LoRaDRoles:
     def predict(self, role: str, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         with self.role(role) as model:
             return denoise(model, self.teacher.family, x_t, t, cond)
+
+    def activate(self, role: str) -> None:
+        """Leave `role` active (gradient checkpointing recomputes forwards during backward)."""
+        if role != "teacher":
+            set_active_adapter(self.teacher.backbone, role)
 
     def student_state(self) -> dict[str, Tensor]:
         return {k: v.detach().clone() for k, v in self._params("student").items()}
@@ -186,14 +192,16 @@ class PeftRoles:
     def fake_parameters(self) -> list[nn.Parameter]:
         return list(_named_trainable(self.teacher.backbone, ".fake").values())
 
-    def predict(self, role: str, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
-        layers = list(self._layers())
-        for layer in layers:
+    def activate(self, role: str) -> None:
+        for layer in self._layers():
             layer.enable_adapters(role != "teacher")
             if role != "teacher":
                 layer.set_adapter(role)
         for n, p in self.teacher.backbone.named_parameters():  # PEFT's set_adapter freezes the others
             p.requires_grad_(".student" in n or ".fake" in n)
+
+    def predict(self, role: str, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        self.activate(role)
         return denoise(self.teacher.backbone, self.teacher.family, x_t, t, cond)
 
     def student_state(self) -> dict[str, Tensor]:
@@ -239,6 +247,10 @@ class FullRoles:
 
     def fake_parameters(self) -> list[nn.Parameter]:
         return [p for n, p in self.teacher.backbone.named_parameters() if ".theta_" in n]
+
+    def activate(self, role: str) -> None:
+        if role == "fake":
+            set_active_adapter(self.teacher.backbone, "fake")
 
     def predict(self, role: str, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         if role == "student":

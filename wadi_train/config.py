@@ -157,6 +157,8 @@ def _check_type(value: Any, hint: Any, where: str, errors: list[str]) -> Any:
             return hint()
         return _from_dict(hint, value, where, errors)
     base = origin or hint
+    if base is list and isinstance(value, list) and typing.get_args(hint):
+        return [_check_type(x, typing.get_args(hint)[0], f"{where}[{i}]", errors) for i, x in enumerate(value)]
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if base is float and isinstance(value, str):

@@ -160,6 +160,7 @@ class Distiller:
                     eps_t = self._cfg_eps("teacher", x_t, t, cond, v.teacher_cfg)
                     eps_f = self._cfg_eps("fake", x_t, t, cond, v.fake_cfg)
             loss, diag = vsd_student_loss(x0_hat, eps_t, eps_f, abar_at(self.alphas, t, len(shape)), v.weighting)
+            self.roles.activate("student")  # backward may recompute checkpointed student blocks
             self.acc.backward(loss / accum)
             s_losses.append(float(loss.detach()))
             vsd_norms.append(float(diag.get("grad_norm", math.nan)))
@@ -291,6 +292,15 @@ def _append_metrics(path: Path, row: dict[str, float]) -> None:
         w.writerow(row)
 
 
+def _tensorboard(run_dir: Path) -> Any:
+    """A SummaryWriter when tensorboard is installed (CSV is always written)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
 def train(config: RunConfig, resume: bool = False, progress: Callable[[int, int, dict[str, float]], None] | None = None, stop_after: int | None = None, on_step: Callable[[Distiller], None] | None = None) -> TrainResult:
     """Run (or resume) a distillation; returns where it wrote and the last metrics.
 
@@ -325,6 +335,7 @@ def train(config: RunConfig, resume: bool = False, progress: Callable[[int, int,
         log.info("resumed from %s at step %d", ck, d.step)
     total = config.train.steps
     consecutive = 0
+    tb = _tensorboard(run_dir) if acc.is_main_process else None
     last: dict[str, float] = {}
     start = time.perf_counter()
     done_here = 0
@@ -342,6 +353,10 @@ def train(config: RunConfig, resume: bool = False, progress: Callable[[int, int,
         last = {"step": d.step, **m, "nonfinite_skipped": d.nonfinite_total, "seconds": round(time.perf_counter() - start, 3)}
         if acc.is_main_process and (d.step % config.train.log_every == 0 or d.step == total):
             _append_metrics(run_dir / "metrics.csv", last)
+            if tb is not None:
+                for key, value in last.items():
+                    if key != "step" and math.isfinite(value):
+                        tb.add_scalar(key, value, d.step)
         if config.train.sample_every and d.step % config.train.sample_every == 0 and acc.is_main_process:
             from wadi_train.generate import write_student_samples
 
@@ -354,5 +369,7 @@ def train(config: RunConfig, resume: bool = False, progress: Callable[[int, int,
             on_step(d)
         if stop_after is not None and done_here >= stop_after:
             break
+    if tb is not None:
+        tb.close()
     acc.wait_for_everyone()
     return TrainResult(run_dir, d.step, last, d.nonfinite_total)

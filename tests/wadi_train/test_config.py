@@ -63,12 +63,18 @@ def test_unknown_key_in_the_file(tmp_path: Path, tiny_teacher: Path) -> None:
 
 
 def test_wrong_types_are_all_reported() -> None:
-    data = {"train": {"steps": "many", "batch_size": 2.5, "gradient_checkpointing": 1}, "optim": {"student_lr": "fast", "betas": 0.9}, "model": "sd15", "oops": 1}
+    data = {"train": {"steps": "many", "batch_size": 2.5, "gradient_checkpointing": 1}, "optim": {"student_lr": "fast", "betas": 0.9}, "data": {"classes": [1, "two"]}, "model": "sd15", "oops": 1}
     with pytest.raises(ConfigError) as info:
         from_dict(data)
     msg = str(info.value)
-    for where in ("train.steps: expected int", "train.batch_size: expected int", "train.gradient_checkpointing: expected bool", "optim.student_lr: expected float", "optim.betas: expected list", "model: expected a mapping", "oops: unknown key"):
+    for where in ("train.steps: expected int", "train.batch_size: expected int", "train.gradient_checkpointing: expected bool", "optim.student_lr: expected float", "optim.betas: expected list", "data.classes[1]: expected int, got str 'two'", "model: expected a mapping", "oops: unknown key"):
         assert where in msg, (where, msg)
+
+
+def test_list_items_are_typed() -> None:
+    assert load_config(None, ["optim.betas=[1, 0.99]"]).optim.betas == [1.0, 0.99]
+    with pytest.raises(ConfigError, match=r"optim\.betas\[0\]: expected float, got str 'a'"):
+        load_config(None, ["optim.betas=[a, 0.99]"])  # used to pass and fail later inside AdamW
 
 
 def test_bad_override_syntax_and_files() -> None:

@@ -1,0 +1,59 @@
+"""Recipe options: gradient accumulation, checkpointing, sample grids, non-finite steps, prompts."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_config
+
+import wadi_train.train as train_mod
+from wadi_train.checkpoint import latest_checkpoint, load_checkpoint
+from wadi_train.config import from_dict
+from wadi_train.data import read_prompts
+from wadi_train.errors import TrainingError
+
+
+def test_accumulation_checkpointing_and_samples(tmp_path: Path, tiny_teacher: Path) -> None:
+    cfg = from_dict(tiny_config(tmp_path, tiny_teacher, train={"steps": 2, "grad_accum": 2, "gradient_checkpointing": True, "sample_every": 1, "num_samples": 4}))
+    res = train_mod.train(cfg)
+    assert math.isfinite(res.last["loss_student"])
+    grids = sorted((res.run_dir / "samples").glob("*.png"))
+    assert [g.name for g in grids] == ["step-000001.png", "step-000002.png"]
+    from PIL import Image
+
+    assert Image.open(grids[0]).size[0] > 8
+
+
+def test_nonfinite_losses_skip_then_stop_keeping_last_good_checkpoint(tmp_path: Path, tiny_teacher: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = train_mod.vsd_student_loss
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        loss, diag = real(*args, **kwargs)
+        return (loss * float("nan"), diag) if calls["n"] > 1 else (loss, diag)
+
+    monkeypatch.setattr(train_mod, "vsd_student_loss", flaky)
+    cfg = from_dict(tiny_config(tmp_path, tiny_teacher, train={"steps": 10, "checkpoint_every": 1, "max_nonfinite_steps": 3}))
+    with pytest.raises(TrainingError, match="3 consecutive non-finite"):
+        train_mod.train(cfg)
+    ck = load_checkpoint(latest_checkpoint(cfg.output_dir))
+    assert all(torch.isfinite(v).all() for v in ck.tensors["student"].values())
+    assert ck.step >= 1
+
+
+def test_read_prompts_formats(tmp_path: Path) -> None:
+    (tmp_path / "p.txt").write_text("a cat\n\na dog\n")
+    (tmp_path / "p.jsonl").write_text(json.dumps({"text": "a cat"}) + "\n" + json.dumps({"text": "a dog"}) + "\n")
+    (tmp_path / "p.csv").write_text("id,caption\n1,a cat\n2,a dog\n")
+    assert read_prompts(tmp_path / "p.txt") == ["a cat", "a dog"]
+    assert read_prompts(tmp_path / "p.jsonl") == ["a cat", "a dog"]
+    assert read_prompts(tmp_path / "p.csv", column="caption") == ["a cat", "a dog"]
+    from wadi_train.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="column"):
+        read_prompts(tmp_path / "p.csv", column="text")
