@@ -124,8 +124,16 @@ def generate(
     from wadi_train.generate import save_grid
 
     _setup()
-    images = _run(lambda: gen(model, class_, n, seed, height, width, device))
-    save_grid(images, output)
+    def work() -> None:
+        images = gen(model, class_, n, seed, height, width, device)
+        try:
+            save_grid(images, output)
+        except OSError as exc:
+            from wadi_train.errors import WadiError
+
+            raise WadiError(f"{output}: cannot write the grid ({exc.strerror or exc})") from None
+
+    _run(work)
     out.print(f"{n} samples: {output}")
 
 

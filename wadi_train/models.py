@@ -168,7 +168,8 @@ def load_teacher(cfg: ModelConfig, device: torch.device | str = "cpu") -> Teache
                 raise ModelLoadError(f"{cfg.weights}: cannot load teacher weights ({str(exc).splitlines()[0][:200]})") from None
             if missing or unexpected:
                 raise ModelLoadError(f"{cfg.weights}: {len(missing)} missing and {len(unexpected)} unexpected keys for this model config (first: {(missing or unexpected)[:3]})")
-        model = model.to(dtype)
+        if dtype != torch.float32:
+            model = model.to(dtype)
         sched_root = None
     alphas, sched_cfg, ptype = _scheduler(sched_root, cfg)
     model.requires_grad_(False)
