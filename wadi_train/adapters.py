@@ -21,12 +21,13 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from wadi_train.config import AdapterConfig, FakeScoreConfig
+from wadi_train.config import AdapterConfig, FakeScoreConfig, RunConfig
 from wadi_train.errors import ConfigError
 from wadi_train.lorad import LoRaDConfig, disable_adapters, inject_lorad, lorad_layers, lorad_state_dict, set_active_adapter
+from wadi_train.lorad.layer import flat_shape
 from wadi_train.models import Cond, Teacher, denoise
 
-__all__ = ["Roles", "build_roles", "student_lorad_config", "ROLE_NAMES"]
+__all__ = ["Roles", "build_roles", "student_lorad_config", "placement_problems", "ROLE_NAMES"]
 
 log = logging.getLogger(__name__)
 ROLE_NAMES = ("teacher", "student", "fake")
@@ -289,6 +290,84 @@ def _linear_names(model: nn.Module, regex: str) -> list[str]:
     if not names:
         raise ConfigError(f"target_modules {regex!r} matched no nn.Linear module")
     return names
+
+
+def _regex_problem(where: str, regex: str) -> str | None:
+    try:
+        re.compile(regex)
+    except re.error as exc:
+        return f"{where} = {regex!r}: not a valid regular expression ({exc})"
+    return None
+
+
+def _lorad_problems(source: str, model: nn.Module, cfg: LoRaDConfig) -> list[str]:
+    """Targets that match nothing, odd input widths and ranks beyond min(out, in/2)."""
+    kinds = (nn.Linear, nn.Conv2d) if cfg.include_conv else (nn.Linear,)
+    shapes = {n: flat_shape(m.weight) for n, m in model.named_modules() if n and isinstance(m, kinds) and cfg.matches(n)}
+    if not shapes:
+        examples = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:3]
+        return [f"{source}: matches no {' or '.join(k.__name__ for k in kinds)} module of the model (some Linear names: {examples})"]
+    problems = []
+    odd = [n for n, (_, width) in shapes.items() if width % 2]
+    if odd:
+        problems.append(f"{source}: {len(odd)} target(s) have an odd input width, which LoRaD cannot pair up for rotation (first: {odd[:3]}); leave them out of the targets")
+    over = {n: (cfg.rank_for(n), min(out, width // 2)) for n, (out, width) in shapes.items() if not width % 2 and cfg.rank_for(n) > min(out, width // 2)}
+    if over and not cfg.allow_excess_rank:
+        name, (rank, limit) = next(iter(over.items()))
+        problems.append(f"{source}: rank too high for {len(over)} target(s) with adapter.allow_excess_rank=false (first: {name!r} rank {rank} > min(out, in/2) = {limit}); lower the rank or set adapter.allow_excess_rank=true")
+    return problems
+
+
+def _unknown_modules(model: nn.Module, names: list[str]) -> list[str]:
+    """Names (exact module paths or dotted suffixes, as LoRaD and PEFT match them) naming no module."""
+    modules = [n for n, _ in model.named_modules() if n]
+    return [x for x in dict.fromkeys(names) if not any(m == x or m.endswith("." + x) for m in modules)]
+
+
+def _student_problems(model: nn.Module, a: AdapterConfig) -> list[str]:
+    if a.ranks_file:
+        try:
+            ranks = read_ranks_file(a.ranks_file)
+        except ConfigError as exc:
+            return [str(exc)]
+        peft_lora = (ranks["doc"].get("peft_lora") or {}) if a.method in ("lora", "dora") else {}
+        names = [*ranks["target_modules"], *ranks["rank_pattern"], *(peft_lora.get("target_modules") or []), *(peft_lora.get("rank_pattern") or {})]
+        unknown = _unknown_modules(model, [str(n) for n in names])
+        if unknown:
+            return [f"adapter.ranks_file = {a.ranks_file!r}: {len(unknown)} module name(s) are not in the model (first: {unknown[:3]}); the ranks were fitted on another model: run `weightlens compare` on this teacher and its reference"]
+        return _lorad_problems(f"adapter.ranks_file = {a.ranks_file!r}", model, student_lorad_config(a)) if a.method == "lorad" else []
+    bad_regex = _regex_problem("adapter.target_modules", a.target_modules)
+    if bad_regex:
+        return [bad_regex]
+    if a.method == "lorad":
+        return _lorad_problems(f"adapter.target_modules = {a.target_modules!r}", model, student_lorad_config(a))
+    if not any(isinstance(m, nn.Linear) and re.fullmatch(a.target_modules, n) for n, m in model.named_modules()):
+        return [f"adapter.target_modules = {a.target_modules!r}: matches no nn.Linear module of the model"]
+    return []
+
+
+def placement_problems(config: RunConfig) -> list[str]:
+    """Where the adapters would go, checked on the backbone built on the `meta` device (no
+    weights read): ranks.json names that are no module, target regexes that match nothing,
+    ranks a layer cannot take (adapter.allow_excess_rank=false) and odd input widths."""
+    from wadi_train.sizes import meta_backbone
+
+    try:
+        model = meta_backbone(config)
+    except FileNotFoundError as exc:
+        return [f"model.pretrained = {config.model.pretrained!r}: {exc.filename} not found; point it at a diffusers pipeline folder (with model_index.json) or a model folder (with config.json)"]
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        return [f"model: cannot build the {config.model.family} backbone from its config ({str(exc).splitlines()[0][:200]})"]
+    a, f = config.adapter, config.fake
+    problems = []
+    if a.method in ("lorad", "lora", "dora") and a.rank >= 1:
+        problems += _student_problems(model, a)
+    bad_regex = _regex_problem("fake.target_modules", f.target_modules)
+    if bad_regex:
+        problems.append(bad_regex)
+    elif f.rank >= 1:
+        problems += _lorad_problems(f"fake.target_modules = {f.target_modules!r}", model, _fake_lorad(f))
+    return problems
 
 
 def build_roles(teacher: Teacher, adapter: AdapterConfig, fake: FakeScoreConfig) -> Any:

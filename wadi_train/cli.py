@@ -72,6 +72,7 @@ def run(
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Distil: train the one-step student with VSD."""
+    from wadi_train.checkpoint import CheckpointCorruptError
     from wadi_train.config import load_config
     from wadi_train.train import train
 
@@ -86,10 +87,23 @@ def run(
             def progress(step: int, total: int, m: dict[str, float]) -> None:
                 bar.update(task, completed=step, description=f"student {m.get('loss_student', float('nan')):.4f} fake {m.get('loss_fake', float('nan')):.4f}")
 
-            res = train(cfg, resume=resume, progress=progress)
+            try:
+                res = train(cfg, resume=resume, progress=progress)
+            except CheckpointCorruptError as exc:
+                raise CheckpointCorruptError(f"{exc}{_set_aside_hint(cfg.output_dir) if resume else ''}") from None
         out.print(f"{res.steps} steps, {res.nonfinite_skipped} skipped: {res.run_dir}")
 
     _run(work)
+
+
+def _set_aside_hint(run_dir: str) -> str:
+    """How to resume from the previous checkpoint when the latest one is damaged."""
+    from wadi_train.checkpoint import latest_checkpoint, list_checkpoints
+
+    bad = latest_checkpoint(run_dir)
+    if bad is None or len(list_checkpoints(run_dir)) < 2:
+        return ""
+    return f"; to do so, move {bad} aside (e.g. rename it to {bad.name}.damaged) and run with --resume again"
 
 
 @app.command()
@@ -171,3 +185,7 @@ def demo(
         out.print(f"report: {output / 'index.html'}  ({doc['seconds']:.0f} s)")
 
     _run(work)
+
+
+if __name__ == "__main__":  # `python -m wadi_train.cli` (subprocess tests)
+    app()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from wadi_train.errors import ConfigError
 __all__ = [
     "ModelConfig", "AdapterConfig", "FakeScoreConfig", "VSDConfig", "OptimConfig", "TrainConfig",
     "DataConfig", "RunConfig", "load_config", "from_dict", "to_dict", "apply_overrides", "validate",
+    "folder_problem",
 ]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -119,6 +121,12 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
+    """Conditioning data: a prompt file (encoded with the pipeline's text encoder) or
+    precomputed embeddings (`embeddings`: safetensors with `embeddings` (N+1, L, D), the
+    last row the empty prompt, and optionally `text_embeds` (N+1, D) for SDXL-style models
+    and `attention_mask` (N+1, L) for T5-encoded prompts)."""
+
+    embeddings: str | None = None
     prompts: str | None = None
     prompt_column: str = "text"
     resolution: int | None = None
@@ -161,6 +169,8 @@ def _check_type(value: Any, hint: Any, where: str, errors: list[str]) -> Any:
         return [_check_type(x, typing.get_args(hint)[0], f"{where}[{i}]", errors) for i, x in enumerate(value)]
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if base is str and isinstance(value, bool):  # YAML 1.1 reads a bare no/yes as a bool
+        return "yes" if value else "no"
     if base is float and isinstance(value, str):
         try:  # YAML 1.1 reads `1e-5` (no dot) as a string
             return float(value)
@@ -227,7 +237,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML ({exc})") from None
+            mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+            raise ConfigError(f"{p}: not valid YAML ({where}{problem or ' '.join(str(exc).split())})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: expected a mapping at the top level")
     return from_dict(apply_overrides(data, list(overrides or [])))
@@ -241,7 +253,11 @@ def _range(errors: list[str], where: str, value: float | None, low: float | None
 
 
 def validate(config: RunConfig, check_files: bool = True) -> list[str]:
-    """Every cross-field problem, as a list of one-line messages (empty when valid)."""
+    """Every cross-field problem, as a list of one-line messages (empty when valid).
+
+    With `check_files`, also the files: that they exist, that output_dir can be written, and
+    what the teacher's folder and structure (built on the meta device) say about the config.
+    """
     e: list[str] = []
     m, a, f, v, o, t = config.model, config.adapter, config.fake, config.vsd, config.optim, config.train
     from wadi_train.models import FAMILIES
@@ -286,10 +302,39 @@ def validate(config: RunConfig, check_files: bool = True) -> list[str]:
     bad_classes = [c for c in config.data.classes or [] if not (isinstance(c, int) and 0 <= c < m.num_classes)]
     if bad_classes:
         e.append(f"data.classes: {bad_classes} outside [0, model.num_classes = {m.num_classes})")
-    if m.conditioning == "text" and config.data.prompts is None:
-        e.append("data.prompts: text conditioning needs a prompt file (.txt, .jsonl, .csv or .parquet)")
+    if m.conditioning == "text" and config.data.prompts is None and config.data.embeddings is None:
+        e.append("data.prompts: text conditioning needs a prompt file (.txt, .jsonl, .csv or .parquet) or data.embeddings")
     if check_files:
-        for where, value in (("model.pretrained", m.pretrained), ("model.weights", m.weights), ("adapter.ranks_file", a.ranks_file), ("adapter.init_from_analysis", a.init_from_analysis), ("data.prompts", config.data.prompts)):
+        for where, value in (("model.pretrained", m.pretrained), ("model.weights", m.weights), ("adapter.ranks_file", a.ranks_file), ("adapter.init_from_analysis", a.init_from_analysis), ("data.prompts", config.data.prompts), ("data.embeddings", config.data.embeddings)):
             if value is not None and not Path(value).exists():
                 e.append(f"{where} = {value!r}: no such file or folder")
+        e += [x for x in [folder_problem("output_dir", config.output_dir)] if x]
+        e += _model_problems(config, e)
     return e
+
+
+def folder_problem(where: str, path: str | Path) -> str | None:
+    """Why `path` cannot be (created as) a writable folder, or None when it can."""
+    p = Path(path)
+    existing = next((q for q in (p, *p.parents) if q.exists()), None)
+    if existing is not None and not existing.is_dir():
+        return f"{where} = {str(path)!r}: {existing} is a file, not a folder; choose another {where}"
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        return f"{where} = {str(path)!r}: {existing} is not writable; choose another {where} or fix its permissions"
+    return None
+
+
+def _model_problems(config: RunConfig, found: list[str]) -> list[str]:
+    """Checks against the teacher's files and its structure (built on the meta device), run when
+    the fields they rest on are valid: scheduler vs prediction type, adapter targets and ranks."""
+    from wadi_train.models import FAMILIES, teacher_problems
+
+    m = config.model
+    if m.family not in FAMILIES or m.prediction_type not in PREDICTION_TYPES or any(x.startswith(("model.pretrained", "model:")) for x in found):
+        return []
+    problems = teacher_problems(m)
+    if any(x.startswith(("adapter.ranks_file", "adapter.method", "fake.method")) for x in found):
+        return problems
+    from wadi_train.adapters import placement_problems
+
+    return problems + placement_problems(config)

@@ -18,7 +18,7 @@ from torch import Tensor
 from wadi_train.errors import ConfigError
 from wadi_train.models import Cond, Teacher
 
-__all__ = ["read_prompts", "ConditionSampler", "ClassSampler", "TextSampler", "encode_prompts"]
+__all__ = ["read_prompts", "ConditionSampler", "ClassSampler", "TextSampler", "encode_prompts", "load_embeddings"]
 
 log = logging.getLogger(__name__)
 
@@ -77,16 +77,50 @@ class ClassSampler(ConditionSampler):
 
 @dataclass
 class TextSampler(ConditionSampler):
-    """Rows of precomputed text embeddings; row `empty` is the empty prompt."""
+    """Rows of precomputed text embeddings; the last row is the empty prompt.
+
+    With `pooled` (SDXL-style added conditioning) each batch also carries `text_embeds` and
+    `time_ids` (original size, crop 0, target size = `resolution`); with `mask` (PixArt's T5
+    padding mask, 1 = token) it carries `encoder_attention_mask`, as the pipelines pass it.
+    """
 
     embeddings: Tensor  # (N + 1, L, D): prompts then the empty prompt
+    pooled: Tensor | None = None  # (N + 1, D)
+    resolution: int | None = None
+    mask: Tensor | None = None  # (N + 1, L)
+
+    def _cond(self, idx: Tensor) -> Cond:
+        extra: dict[str, Tensor] = {}
+        if self.pooled is not None:
+            res = self.resolution or 1024
+            extra = {"text_embeds": self.pooled[idx], "time_ids": torch.tensor([res, res, 0, 0, res, res], dtype=torch.float32).expand(len(idx), -1)}
+        if self.mask is not None:
+            extra["encoder_attention_mask"] = self.mask[idx]
+        return Cond(encoder_hidden_states=self.embeddings[idx], extra=extra)
 
     def sample(self, batch: int, generator: torch.Generator) -> Cond:
-        idx = torch.randint(self.embeddings.shape[0] - 1, (batch,), generator=generator)
-        return Cond(encoder_hidden_states=self.embeddings[idx])
+        return self._cond(torch.randint(self.embeddings.shape[0] - 1, (batch,), generator=generator))
 
     def uncond(self, batch: int) -> Cond:
-        return Cond(encoder_hidden_states=self.embeddings[-1:].expand(batch, -1, -1))
+        return self._cond(torch.full((batch,), self.embeddings.shape[0] - 1, dtype=torch.long))
+
+
+def load_embeddings(path: str | Path, resolution: int | None = None) -> TextSampler:
+    """A TextSampler from a precomputed-embeddings safetensors file (see DataConfig)."""
+    from safetensors.torch import load_file
+
+    try:
+        data = load_file(str(path))
+        emb = data["embeddings"].float()
+    except Exception as exc:  # safetensors raises its own error types
+        raise ConfigError(f"{path}: not a precomputed-embeddings file (safetensors with an 'embeddings' tensor of shape (N+1, L, D)): {str(exc).splitlines()[0][:160]}") from None
+    if emb.ndim != 3 or emb.shape[0] < 2:
+        raise ConfigError(f"{path}: 'embeddings' has shape {tuple(emb.shape)}; expected (N+1, L, D) with the empty prompt last")
+    pooled, mask = data.get("text_embeds"), data.get("attention_mask")
+    for key, value, want in (("text_embeds", pooled, (emb.shape[0], None)), ("attention_mask", mask, emb.shape[:2])):
+        if value is not None and (value.ndim != 2 or value.shape[0] != want[0] or want[1] not in (None, value.shape[1])):
+            raise ConfigError(f"{path}: {key!r} has shape {tuple(value.shape)}; expected ({want[0]}, {want[1] or 'D'}), one row per 'embeddings' row")
+    return TextSampler(emb, None if pooled is None else pooled.float(), resolution, None if mask is None else mask.float())
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from wadi_train.adapters import build_roles
 from wadi_train.checkpoint import latest_checkpoint, load_checkpoint
-from wadi_train.config import load_config
+from wadi_train.config import folder_problem, load_config
 from wadi_train.errors import ConfigError
 from wadi_train.models import FAMILIES, load_teacher
 
@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 def export_run(run_dir: str | Path, out: str | Path, use_ema: bool = False, dtype: str | None = None, overwrite: bool = False, checkpoint: str | Path | None = None) -> Path:
     """Export the latest (or given) checkpoint of a run; returns OUT."""
     run, out = Path(run_dir), Path(out)
+    unwritable = folder_problem("-o", out)
+    if unwritable:
+        raise ConfigError(unwritable)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{out}: exists and is not empty; pass --overwrite or choose another -o")
     ck_path = Path(checkpoint) if checkpoint else latest_checkpoint(run)

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from torch import Tensor
 
 from wadi_train.errors import ModelLoadError
@@ -54,10 +55,22 @@ def load_exported(folder: str | Path) -> tuple[torch.nn.Module, dict[str, Any], 
     info_path = root / "wadi_export.json"
     if not info_path.is_file():
         raise ModelLoadError(f"{root}: not a wadi-train export (no wadi_export.json); run `wadi-train export RUN -o {root}`")
-    info = json.loads(info_path.read_text())
-    family = FAMILIES[info["family"]]
+    again = f"export again with `wadi-train export RUN -o {root} --overwrite`"
+    try:
+        info = json.loads(info_path.read_text())
+        family = FAMILIES[info["family"]]
+        missing = [k for k in ("prediction_type", "alphas_cumprod") if k not in info]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"{info_path}: not a readable export record ({type(exc).__name__}: {exc}); {again}") from None
+    if missing:
+        raise ModelLoadError(f"{info_path}: lacks {missing}; {again}")
     model_dir = root / family.subfolder if (root / "model_index.json").is_file() else root / "model"
-    model = family.model_class().from_pretrained(model_dir, local_files_only=True)
+    if not (model_dir / "config.json").is_file():
+        raise ModelLoadError(f"{model_dir}: the exported model is missing (no config.json); {again}")
+    try:
+        model = family.model_class().from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise ModelLoadError(f"{model_dir}: could not load the exported {family.class_name} ({str(exc).strip().splitlines()[0][:200]}); {again}") from None
     return model.eval().requires_grad_(False), info, info["family"]
 
 

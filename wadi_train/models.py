@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import Tensor, nn
 
 from wadi_train.config import ModelConfig
 from wadi_train.errors import ModelLoadError
 
-__all__ = ["Family", "FAMILIES", "Cond", "Teacher", "load_teacher", "denoise", "save_model_folder"]
+__all__ = ["Family", "FAMILIES", "Cond", "Teacher", "load_teacher", "teacher_problems", "denoise", "save_model_folder"]
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +78,18 @@ class Family:
 
 
 def _call_unet(model: nn.Module, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
-    return model(x, t, encoder_hidden_states=cond.encoder_hidden_states, class_labels=cond.class_labels, added_cond_kwargs=cond.extra or None).sample
+    added = dict(cond.extra)  # SDXL: text_embeds, time_ids; a padding mask is not an added condition
+    mask = added.pop("encoder_attention_mask", None)
+    return model(x, t, encoder_hidden_states=cond.encoder_hidden_states, class_labels=cond.class_labels, added_cond_kwargs=added or None, encoder_attention_mask=mask).sample
 
 
 def _call_dit(model: nn.Module, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
-    added = dict(cond.extra) if cond.extra else {"resolution": None, "aspect_ratio": None}
-    return model(x, encoder_hidden_states=cond.encoder_hidden_states, timestep=t, class_labels=cond.class_labels, added_cond_kwargs=added).sample
+    # PixArt's forward takes no class_labels; it masks padded T5 tokens as its pipeline does, and
+    # its added conditions (resolution, aspect ratio) are only used at 1024 px.
+    added = dict(cond.extra)
+    mask = added.pop("encoder_attention_mask", None)
+    added = added or {"resolution": None, "aspect_ratio": None}
+    return model(x, encoder_hidden_states=cond.encoder_hidden_states, timestep=t, added_cond_kwargs=added, encoder_attention_mask=mask).sample
 
 
 FAMILIES: dict[str, Family] = {
@@ -120,6 +127,31 @@ def denoise(backbone: nn.Module, family: str, x_t: Tensor, t: Tensor, cond: Cond
     return out[:, : x_t.shape[1]] if out.shape[1] > x_t.shape[1] else out
 
 
+def _scheduler_root(root: Path) -> Path | None:
+    """The folder whose `scheduler/` sub-folder holds the teacher's noise schedule, if any."""
+    if (root / "model_index.json").is_file():
+        return root
+    return root.parent if (root.parent / "scheduler").is_dir() else None
+
+
+def teacher_problems(cfg: ModelConfig) -> list[str]:
+    """What a `model.pretrained` folder's scheduler says about the config, read without loading
+    anything: its prediction type must be `model.prediction_type`."""
+    if cfg.pretrained is None:
+        return []
+    sched_root = _scheduler_root(Path(cfg.pretrained))
+    sched_file = None if sched_root is None else sched_root / "scheduler" / "scheduler_config.json"
+    if sched_file is None or not sched_file.is_file():
+        return []
+    try:
+        declared = json.loads(sched_file.read_text()).get("prediction_type", "epsilon")
+    except (OSError, ValueError, AttributeError) as exc:
+        return [f"{sched_file}: not a readable scheduler config ({exc})"]
+    if declared != cfg.prediction_type:
+        return [f"model.prediction_type = {cfg.prediction_type!r} but the teacher's {sched_file} says {declared!r}; set model.prediction_type={declared}"]
+    return []
+
+
 def _scheduler(folder: Path | None, cfg: ModelConfig) -> tuple[Tensor, dict[str, Any], str]:
     from diffusers import DDPMScheduler
 
@@ -154,20 +186,13 @@ def load_teacher(cfg: ModelConfig, device: torch.device | str = "cpu") -> Teache
             sub = None
         try:
             model = family.model_class().from_pretrained(root, subfolder=sub, torch_dtype=dtype, local_files_only=True)
-        except (OSError, ValueError, EnvironmentError) as exc:
-            raise ModelLoadError(f"{root}: could not load a {family.class_name} ({str(exc).splitlines()[0][:200]}); point model.pretrained at a local diffusers folder") from None
-        sched_root = pipeline_dir or (root.parent if (root.parent / "scheduler").is_dir() else None)
+        except (OSError, ValueError, SafetensorError) as exc:
+            raise ModelLoadError(f"{root}: could not load a {family.class_name} ({_first_line(exc)}); point model.pretrained at a local diffusers folder") from None
+        sched_root = _scheduler_root(root)
     else:
         model = family.model_class().from_config(dict(cfg.config or {}))
         if cfg.weights is not None:
-            from safetensors.torch import load_file
-
-            try:
-                missing, unexpected = model.load_state_dict(load_file(cfg.weights), strict=False)
-            except Exception as exc:
-                raise ModelLoadError(f"{cfg.weights}: cannot load teacher weights ({str(exc).splitlines()[0][:200]})") from None
-            if missing or unexpected:
-                raise ModelLoadError(f"{cfg.weights}: {len(missing)} missing and {len(unexpected)} unexpected keys for this model config (first: {(missing or unexpected)[:3]})")
+            _load_weights(model, cfg.weights)
         if dtype != torch.float32:
             model = model.to(dtype)
         sched_root = None
@@ -181,6 +206,42 @@ def load_teacher(cfg: ModelConfig, device: torch.device | str = "cpu") -> Teache
         scheduler_config=sched_cfg, pipeline_dir=pipeline_dir,
         source={"pretrained": cfg.pretrained, "weights": cfg.weights, "family": cfg.family},
     )
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+def _is_pickle(path: str) -> bool:
+    """A torch.save zip or a bare pickle (protocol 2+), by its first bytes."""
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(2)
+    except OSError:
+        return False
+    return magic == b"PK" or (magic[:1] == b"\x80" and magic[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"))
+
+
+def _load_weights(model: nn.Module, path: str) -> None:
+    """Load a safetensors state dict into `model`: every key and shape must match."""
+    from safetensors.torch import load_file
+
+    if Path(path).is_dir():
+        raise ModelLoadError(f"{path}: model.weights is a folder; give the .safetensors file, or the folder as model.pretrained if it is a diffusers model")
+    try:
+        state = load_file(path)
+    except (OSError, SafetensorError) as exc:
+        hint = "; it is a torch/pickle checkpoint: convert it with safetensors.torch.save_file(torch.load(f, weights_only=True), 'teacher.safetensors')" if _is_pickle(path) else ""
+        raise ModelLoadError(f"{path}: model.weights is not a readable safetensors file ({_first_line(exc)}){hint}") from None
+    own = model.state_dict()
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    if missing or unexpected:
+        raise ModelLoadError(f"{path}: {len(missing)} missing and {len(unexpected)} unexpected keys for this model config (first missing: {missing[:2]}, first unexpected: {unexpected[:2]}); the weights belong to another model: check model.config and model.weights")
+    wrong = [k for k in own if own[k].shape != state[k].shape]
+    if wrong:
+        k = wrong[0]
+        raise ModelLoadError(f"{path}: {len(wrong)} tensor(s) have the wrong shape for this model config (first: {k} is {tuple(state[k].shape)}, the model wants {tuple(own[k].shape)}); the weights belong to another model: check model.config and model.weights")
+    model.load_state_dict(state)
 
 
 def save_model_folder(model: nn.Module, folder: Path, scheduler_config: dict[str, Any]) -> None:

@@ -56,6 +56,10 @@ def run_dir_of(config: RunConfig) -> Path:
 def _sampler(config: RunConfig, teacher: Teacher, run_dir: Path) -> ConditionSampler:
     if config.model.conditioning == "class":
         return ClassSampler(teacher.num_classes, config.data.classes)
+    if config.data.embeddings:
+        from wadi_train.data import load_embeddings
+
+        return load_embeddings(config.data.embeddings, config.data.resolution)
     prompts = read_prompts(config.data.prompts, config.data.prompt_column)  # type: ignore[arg-type]
     return TextSampler(encode_prompts(teacher, prompts, run_dir / "cache" / "prompt_embeddings.safetensors"))
 
