@@ -46,6 +46,7 @@ class ModelConfig:
     weights: str | None = None
     prediction_type: str = "epsilon"
     num_train_timesteps: int = 1000
+    scheduler: dict[str, Any] | None = None
     conditioning: str = "class"
     num_classes: int = 10
     dtype: str = "float32"

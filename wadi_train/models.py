@@ -158,7 +158,8 @@ def _scheduler(folder: Path | None, cfg: ModelConfig) -> tuple[Tensor, dict[str,
     if folder is not None and (folder / "scheduler" / "scheduler_config.json").is_file():
         sched = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
     else:
-        sched = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, prediction_type=cfg.prediction_type)
+        kwargs = {"num_train_timesteps": cfg.num_train_timesteps, "prediction_type": cfg.prediction_type, **(cfg.scheduler or {})}
+        sched = DDPMScheduler(**kwargs)
     ptype = sched.config.prediction_type
     if ptype != cfg.prediction_type:
         raise ModelLoadError(f"model.prediction_type = {cfg.prediction_type!r} but the teacher's scheduler says {ptype!r}; set model.prediction_type={ptype}")

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import tiny_config
+from tiny import tiny_config
 
 from wadi_train.config import RunConfig, from_dict, load_config, to_dict, validate
 from wadi_train.errors import ConfigError

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import tiny_config
+from tiny import tiny_config
 from dist_worker import state_hash
 
 from wadi_train.checkpoint import latest_checkpoint, load_checkpoint

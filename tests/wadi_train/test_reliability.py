@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from conftest import TINY_UNET, tiny_config
+from tiny import TINY_UNET, tiny_config
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner, Result
 
@@ -79,12 +79,12 @@ def _leftovers(ckpt_dir: Path) -> list[str]:
 
 def _kill_at(proc: subprocess.Popen[bytes], ckpt_dir: Path, point: tuple[str, int, float]) -> bool:
     """SIGKILL once step `after` is published: `delay` seconds later ("step"), or as soon as the
-    next save has files in flight ("save"). Returns False when the run finished first."""
+    next save is writing its step folder ("save"). Returns False when the run finished first."""
     kind, after, delay = point
     if not _wait_until(lambda: _published_step(ckpt_dir) >= after, proc):
         return False
     if kind == "save":
-        if not _wait_until(lambda: bool(_leftovers(ckpt_dir)), proc):
+        if not _wait_until(lambda: any(n.startswith(".tmp-step-") for n in _leftovers(ckpt_dir)), proc):
             return False
     else:
         time.sleep(delay)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import tiny_config
+from tiny import tiny_config
 
 from wadi_train.config import from_dict
 from wadi_train.errors import ConfigError

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
+from tiny import tiny_config
 
 import wadi_train.train as train_mod
 from wadi_train.checkpoint import latest_checkpoint, load_checkpoint

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from tiny import tiny_config
 from safetensors.torch import load_file, save_file
 
 from wadi_train.adapters import build_roles

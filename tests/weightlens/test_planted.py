@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import RANK, ROTATED, SCALED
+from planted_pair import RANK, ROTATED, SCALED
 from safetensors.torch import save_file
 
 import weightlens

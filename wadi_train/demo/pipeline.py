@@ -24,7 +24,7 @@ from torch import nn
 
 from wadi_train.config import from_dict
 from wadi_train.demo.settings import DemoSettings
-from wadi_train.demo.teacher import NUM_CLASSES, digits_unet_config, load_or_train_teacher
+from wadi_train.demo.teacher import NUM_CLASSES, SCHEDULE, digits_unet_config, load_or_train_teacher
 from wadi_train.evaluation.digits import evaluate_samples, load_digits_split, load_or_train_classifier, reference_stats
 from wadi_train.export import export_run
 from wadi_train.generate import save_grid
@@ -56,7 +56,7 @@ class ModelResult:
 def _run_config(out: Path, teacher_w: Path, s: DemoSettings, name: str, adapter: dict[str, Any], steps: int, lr: float) -> dict[str, Any]:
     return {
         "name": name, "output_dir": str(out / "runs" / name),
-        "model": {"config": digits_unet_config(s.teacher.size, s.teacher.width), "weights": str(teacher_w), "num_classes": NUM_CLASSES},
+        "model": {"config": digits_unet_config(s.teacher.size, s.teacher.width), "weights": str(teacher_w), "num_classes": NUM_CLASSES, "scheduler": SCHEDULE},
         "adapter": adapter,
         "fake": {"rank": s.fake_rank},
         "vsd": {"teacher_cfg": s.guidance, "fake_cfg": s.guidance},
@@ -131,7 +131,7 @@ def run_digits_demo(out: Path, cache: Path, s: DemoSettings, retrain: bool = Fal
     ref = reference_stats(clf, split)
     stage("classifier", 1, 1, "")
     shape = (1, s.teacher.size, s.teacher.size)
-    sched = DDPMScheduler(num_train_timesteps=1000)
+    sched = DDPMScheduler(num_train_timesteps=1000, **SCHEDULE)
     alphas = sched.alphas_cumprod.float()
 
     # 3. reference student and its weightlens analysis -> fitted ranks under the budget

@@ -28,6 +28,10 @@ __all__ = ["digits_unet_config", "TeacherSettings", "train_teacher", "load_or_tr
 
 log = logging.getLogger(__name__)
 NUM_CLASSES = 10
+# Stable Diffusion's schedule: abar at t = 999 is 0.0047, so a one-step epsilon prediction is
+# amplified 1/sqrt(abar) = 15x into x0 (the linear DDPM schedule's 4e-5 amplifies 160x, which
+# made one-step VSD students blow up to saturated noise in our runs).
+SCHEDULE = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
 ASSETS = Path(__file__).parent / "assets"
 
 
@@ -62,7 +66,7 @@ def train_teacher(x_train: torch.Tensor, y_train: torch.Tensor, s: TeacherSettin
     torch.manual_seed(s.seed)
     config = digits_unet_config(s.size, s.width)
     model = UNet2DConditionModel.from_config(config).train()
-    alphas = DDPMScheduler(num_train_timesteps=1000).alphas_cumprod.float()
+    alphas = DDPMScheduler(num_train_timesteps=1000, **SCHEDULE).alphas_cumprod.float()
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=0.0)
     warm = max(s.steps // 20, 1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(i / s.steps, 1.0))))
@@ -90,13 +94,13 @@ def train_teacher(x_train: torch.Tensor, y_train: torch.Tensor, s: TeacherSettin
             progress(step + 1, s.steps, loss_avg)
     ema.copy_to(params)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    info = {"config": config, "settings": s.__dict__, "seconds": round(time.perf_counter() - start, 1), "final_loss": loss_avg, "params": sum(p.numel() for p in model.parameters())}
+    info = {"config": config, "scheduler": SCHEDULE, "settings": s.__dict__, "seconds": round(time.perf_counter() - start, 1), "final_loss": loss_avg, "params": sum(p.numel() for p in model.parameters())}
     return state, info
 
 
 def load_or_train_teacher(cache_dir: Path, x_train: torch.Tensor, y_train: torch.Tensor, s: TeacherSettings, retrain: bool = False, progress: Callable[[int, int, float], None] | None = None) -> tuple[Path, dict[str, Any]]:
     """The cached teacher's weights path and info, training it first when needed."""
-    tag = f"teacher-{s.size}px-w{s.width}-s{s.steps}"
+    tag = f"teacher-{s.size}px-w{s.width}-s{s.steps}-sl"
     weights, meta = cache_dir / f"{tag}.safetensors", cache_dir / f"{tag}.json"
     shipped = ASSETS / f"{tag}.safetensors"
     if not retrain and not weights.is_file() and shipped.is_file() and s.seed == 0:

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import tiny_config
+from tiny import tiny_config
 from typer.testing import CliRunner, Result
 
 from wadi_train.cli import app
