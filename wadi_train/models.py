@@ -134,15 +134,28 @@ def _scheduler_root(root: Path) -> Path | None:
     return root.parent if (root.parent / "scheduler").is_dir() else None
 
 
+def _scheduler_option_problems(cfg: ModelConfig) -> list[str]:
+    """`model.scheduler` (DDPMScheduler keyword arguments, used when no folder has a scheduler)."""
+    import inspect
+
+    from diffusers import DDPMScheduler
+
+    options = dict(cfg.scheduler or {})
+    valid = set(inspect.signature(DDPMScheduler.__init__).parameters) - {"self"}
+    problems = [f"model.scheduler.{k}: not a DDPMScheduler option; valid: {', '.join(sorted(valid))}" for k in sorted(set(options) - valid)]
+    if options.get("prediction_type", cfg.prediction_type) != cfg.prediction_type:
+        problems.append(f"model.scheduler.prediction_type = {options['prediction_type']!r} but model.prediction_type = {cfg.prediction_type!r}; make them agree")
+    return problems
+
+
 def teacher_problems(cfg: ModelConfig) -> list[str]:
-    """What a `model.pretrained` folder's scheduler says about the config, read without loading
-    anything: its prediction type must be `model.prediction_type`."""
-    if cfg.pretrained is None:
-        return []
-    sched_root = _scheduler_root(Path(cfg.pretrained))
+    """What the teacher's noise schedule says about the config, read without loading anything:
+    a `model.pretrained` folder's scheduler (or `model.scheduler`) must predict
+    `model.prediction_type`."""
+    sched_root = None if cfg.pretrained is None else _scheduler_root(Path(cfg.pretrained))
     sched_file = None if sched_root is None else sched_root / "scheduler" / "scheduler_config.json"
     if sched_file is None or not sched_file.is_file():
-        return []
+        return _scheduler_option_problems(cfg)
     try:
         declared = json.loads(sched_file.read_text()).get("prediction_type", "epsilon")
     except (OSError, ValueError, AttributeError) as exc:

@@ -441,6 +441,16 @@ def test_validate_reports_model_aware_problems_at_once(tmp_path: Path, tiny_teac
     assert "fake.target_modules = '.*(to_q': not a valid regular expression" in text, text
 
 
+def test_validate_checks_scheduler_options(tmp_path: Path, tiny_teacher: Path) -> None:
+    from wadi_train.config import from_dict, validate
+
+    cfg = from_dict(tiny_config(tmp_path, tiny_teacher, model={"scheduler": {"beta_schedule": "scaled_linear", "prediction_type": "v_prediction", "beta_strat": 0.1}}))
+    problems = validate(cfg)
+    assert len(problems) == 2, problems
+    assert problems[0].startswith("model.scheduler.beta_strat: not a DDPMScheduler option; valid: ") and "beta_start" in problems[0]
+    assert "model.scheduler.prediction_type = 'v_prediction' but model.prediction_type = 'epsilon'" in problems[1]
+
+
 def test_validate_target_regex_matching_nothing(tmp_path: Path, tiny_teacher: Path) -> None:
     from wadi_train.config import from_dict, validate
 

@@ -137,3 +137,14 @@ def test_single_row_and_single_column() -> None:
     assert one_row.norm_rel_mean == pytest.approx(1.0) and one_row.dir_mean == pytest.approx(0.0, abs=1e-7)
     one_col = matrix_stats(torch.ones(6, 1), torch.ones(6, 1) * 3)
     assert one_col.norm_rel_mean == pytest.approx(2.0) and one_col.theta_rank_90 == 0 and one_col.odd_column
+
+
+@pytest.mark.parametrize("shape", [(300, 1000), (640, 640)])
+def test_marchenko_pastur_baseline_matches_a_sample(shape: tuple[int, int]) -> None:
+    from weightlens.stats import marchenko_pastur_energy
+
+    rng = np.random.default_rng(5)
+    sv = np.linalg.svd(rng.standard_normal(shape), compute_uv=False) ** 2
+    k = math.ceil(0.3 * min(shape))
+    assert marchenko_pastur_energy(min(shape) / max(shape), 0.3) == pytest.approx(sv[:k].sum() / sv.sum(), abs=3e-3)
+    assert random_energy_30(*shape) == pytest.approx(sv[:k].sum() / sv.sum(), abs=3e-3)
