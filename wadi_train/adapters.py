@@ -73,6 +73,11 @@ class Roles(Protocol):
     def merged_student(self) -> nn.Module: ...
 
 
+def _cast(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast only when needed (diffusers warns on every `.to(dtype)`)."""
+    return model if next(model.parameters()).dtype == dtype else model.to(dtype)
+
+
 def _named_trainable(module: nn.Module, marker: str) -> dict[str, nn.Parameter]:
     return {n: p for n, p in module.named_parameters() if marker in n}
 
@@ -154,7 +159,7 @@ class LoRaDRoles:
                     base.weight.copy_(layer.rotated_weight("student"))
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, base)
-        return model.to(dtype).requires_grad_(False)
+        return _cast(model, dtype).requires_grad_(False)
 
     def adapter_file_state(self) -> dict[str, Tensor]:
         return lorad_state_dict(self.teacher.backbone, "student")
@@ -224,7 +229,7 @@ class PeftRoles:
                     if "student" in child.lora_A:
                         child.merge(adapter_names=["student"])
                     setattr(module, cname, child.get_base_layer())
-        return model.to(dtype).requires_grad_(False)
+        return _cast(model, dtype).requires_grad_(False)
 
     def adapter_file_state(self) -> dict[str, Tensor]:
         return self.student_state()
@@ -274,7 +279,7 @@ class FullRoles:
         _load_named(self.teacher.backbone, fake)
 
     def merged_student(self) -> nn.Module:
-        return copy.deepcopy(self.student).to(next(self.teacher.backbone.parameters()).dtype).requires_grad_(False)
+        return _cast(copy.deepcopy(self.student), next(self.teacher.backbone.parameters()).dtype).requires_grad_(False)
 
     def adapter_file_state(self) -> dict[str, Tensor]:
         return self.student_state()

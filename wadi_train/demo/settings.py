@@ -28,12 +28,12 @@ class DemoSettings:
     """
 
     teacher: TeacherSettings = field(default_factory=TeacherSettings)
-    reference_steps: int = 400
-    student_steps: int = 400
+    reference_steps: int = 200
+    student_steps: int = 200
     batch_size: int = 32
-    student_lr: float = 1e-3
-    full_lr: float = 1e-4
-    fake_lr: float = 1e-3
+    student_lr: float = 3e-3
+    full_lr: float = 3e-4
+    fake_lr: float = 1e-2
     fake_rank: int = 8
     eval_samples: int = 2000
     teacher_steps: tuple[int, ...] = (1, 4, 50)
