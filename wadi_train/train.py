@@ -287,6 +287,20 @@ def _git_hash() -> str | None:
         return None
 
 
+def _trim_metrics(path: Path, step: int) -> None:
+    """Drop rows logged after the checkpoint we resume from (a crash between log and save)."""
+    if not path.exists():
+        return
+    with path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    kept = [r for r in rows if int(r["step"]) <= step]
+    if len(kept) != len(rows):
+        with path.open("w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=METRICS)
+            w.writeheader()
+            w.writerows(kept)
+
+
 def _append_metrics(path: Path, row: dict[str, float]) -> None:
     new = not path.exists()
     with path.open("a", newline="") as fh:
@@ -337,6 +351,8 @@ def train(config: RunConfig, resume: bool = False, progress: Callable[[int, int,
             raise ConfigError(f"{run_dir}: no checkpoint to resume from")
         d.load(ck)
         log.info("resumed from %s at step %d", ck, d.step)
+        if acc.is_main_process:
+            _trim_metrics(run_dir / "metrics.csv", d.step)
     total = config.train.steps
     consecutive = 0
     tb = _tensorboard(run_dir) if acc.is_main_process else None
