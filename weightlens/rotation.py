@@ -28,10 +28,11 @@ def rotate_pairs(weight: Tensor, theta: Tensor) -> Tensor:
     pairs = width // 2
     if theta.shape != (out, pairs):
         raise ValueError(f"theta has shape {tuple(theta.shape)}, expected {(out, pairs)}")
-    cos, sin = torch.cos(theta.float()), torch.sin(theta.float())
-    even, odd = w[:, 0 : 2 * pairs : 2], w[:, 1 : 2 * pairs : 2]  # (out, pairs) each
-    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
-    rotated = rotated.reshape(out, 2 * pairs)
+    # Each pair is a complex number a0 + i a1; rotating it by Theta is one complex product with
+    # exp(i Theta): fewer temporaries (and a faster backward) than cos/sin arithmetic.
+    pairs_c = torch.view_as_complex(w[:, : 2 * pairs].reshape(out, pairs, 2).contiguous())
+    theta = theta.float()
+    rotated = torch.view_as_real(pairs_c * torch.polar(torch.ones_like(theta), theta)).reshape(out, 2 * pairs)
     if width % 2:
         rotated = torch.cat((rotated, w[:, -1:]), dim=1)
     return rotated
