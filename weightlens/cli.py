@@ -70,7 +70,7 @@ def compare(
     map_: Annotated[Optional[list[str]], typer.Option("--map", help="Rename student keys: REGEX=REPLACEMENT (repeatable)")] = None,
     component: Annotated[Optional[str], typer.Option(help="Pipeline component folder: unet, transformer...")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N")] = "cpu",
-    workers: Annotated[int, typer.Option(help="Threads reading ahead")] = 2,
+    workers: Annotated[int, typer.Option(help="Layers read ahead while one is computed (each holds a teacher+student pair in memory)")] = 1,
     stats_only: Annotated[bool, typer.Option(help="Norm/direction statistics only (no Theta, spectra or ranks)")] = False,
     no_report: Annotated[bool, typer.Option(help="Skip report.html and figures")] = False,
     no_timestamp: Annotated[bool, typer.Option(help="Leave wall-clock times out (reproducible files)")] = False,

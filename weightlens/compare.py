@@ -49,7 +49,7 @@ class CompareOptions:
         min_rank / max_rank / multiple_of / include_conv: rank fitting bounds.
         component: pipeline component folder (`unet`, `transformer`), auto when None.
         device: where the maths runs (`cpu`, `cuda`, `cuda:1`).
-        workers: threads reading the next layers while one is computed.
+        workers: layers read ahead (in threads) while one is computed; memory grows with it.
         stats_only: skip Theta/spectra (norm and direction statistics only).
         timestamps: put wall-clock times in provenance (off for golden tests).
         command: the command line, for provenance.
@@ -64,7 +64,7 @@ class CompareOptions:
     include_conv: bool = False
     component: str | None = None
     device: str = "cpu"
-    workers: int = 2
+    workers: int = 1
     stats_only: bool = False
     timestamps: bool = True
     command: tuple[str, ...] = field(default_factory=tuple)
@@ -85,7 +85,7 @@ def _stream(pairs: list[AlignedKey], teacher: CheckpointReader, student: Checkpo
     def load(pair: AlignedKey) -> tuple[Tensor, Tensor]:
         return teacher.get(pair.teacher_key), student.get(pair.student_key)
 
-    depth = max(workers, 1) + 1
+    depth = max(workers, 1)  # pairs read ahead: each costs a teacher+student layer of memory
     with ThreadPoolExecutor(max_workers=max(workers, 1), thread_name_prefix="weightlens-read") as pool:
         pending: list[tuple[AlignedKey, Future[tuple[Tensor, Tensor]]]] = []
         it = iter(pairs)
