@@ -12,8 +12,9 @@ subprocess so its memory can be measured, it runs
 and (c) again on a smaller model, to show that its peak memory does not grow with model size.
 The parent times each subprocess (wall clock) and samples RssAnon/RssFile from
 /proc/PID/status every ~50 ms (file-backed mmap pages are not anonymous memory); VmHWM (peak
-RSS including file pages) comes from wait4's rusage. It prints a table, the ratios and
-PASS/FAIL per target, and always exits 0.
+RSS including file pages) comes from wait4's rusage; the CPU time other processes used
+meanwhile is printed too, since a busy 2-core machine skews every figure. It prints a table,
+the ratios and PASS/FAIL per target, and always exits 0.
 
     python bench/compare_sd15.py [--data DIR] [--scale 1.0] [--small-scale 0.5] [--json out.json] [--cleanup]
 
@@ -26,6 +27,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -39,6 +41,7 @@ DEFAULT_DATA = Path("/tmp/weightlens-bench-sd15")
 MODES = ("naive", "stats", "full")
 CHILD_MODES = ("floor", *MODES)  # floor: interpreter + the imports of (c), no work
 SAMPLE_S = 0.05
+CONTENDED = 0.10  # other processes' share of the CPUs above which a timing is flagged
 MIB = 1024 * 1024
 
 # Targets (the issue): (c) <= 0.15x (a) time; (c) peak RssAnon < 1 GiB and flat in model
@@ -151,7 +154,11 @@ def _run_child(args: list[str]) -> None:
 
 
 def run_naive(teacher: Path, student: Path) -> dict[str, Any]:
-    """(a): both state dicts in memory; row norms/cosine, full svdvals of each residual."""
+    """(a): both state dicts loaded whole; row norms/cosine, full svdvals of each residual.
+
+    safetensors 0.8's load_file maps the files, so the two state dicts show up as file pages
+    (VmHWM ~ both files), not as anonymous memory.
+    """
     import torch
     from safetensors.torch import load_file
 
@@ -231,7 +238,7 @@ class Measurement:
     peak_file_mib: float
     hwm_mib: float
     cpu_s: float
-    load_before: float
+    others_cpu: float
     child: dict[str, Any] = field(default_factory=dict)
 
 
@@ -249,6 +256,14 @@ def _status_kib(pid: int) -> dict[str, int]:
     return out
 
 
+def _busy_cpu_s() -> float:
+    """CPU seconds all processes have spent busy since boot (/proc/stat, every CPU)."""
+    with open("/proc/stat") as fh:
+        ticks = [int(x) for x in fh.readline().split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 def measure(label: str, mode: str, teacher: Path, student: Path, write: bool) -> Measurement:
     """Run one mode in a subprocess, sampling its memory every SAMPLE_S seconds."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
@@ -257,7 +272,7 @@ def measure(label: str, mode: str, teacher: Path, student: Path, write: bool) ->
     if write:
         cmd.append("--write")
     anon = file = 0
-    load = os.getloadavg()[0]
+    busy0 = _busy_cpu_s()
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd)
     while True:
@@ -269,16 +284,19 @@ def measure(label: str, mode: str, teacher: Path, student: Path, write: bool) ->
         anon, file = max(anon, kib.get("RssAnon", 0)), max(file, kib.get("RssFile", 0))
         time.sleep(SAMPLE_S)
     seconds = time.perf_counter() - t0
+    busy = _busy_cpu_s() - busy0
     proc.returncode = os.waitstatus_to_exitcode(status)
     child = json.loads(result_path.read_text()) if proc.returncode == 0 else {"error": f"exit code {proc.returncode}"}
     result_path.unlink(missing_ok=True)
     cpu = usage.ru_utime + usage.ru_stime
-    return Measurement(label, seconds, anon / 1024, file / 1024, usage.ru_maxrss / 1024, cpu, load, child)
+    # Contention: the share of the machine other processes used while this one ran.
+    others = max(0.0, busy - cpu) / (seconds * (os.cpu_count() or 1))
+    return Measurement(label, seconds, anon / 1024, file / 1024, usage.ru_maxrss / 1024, cpu, others, child)
 
 
 def warm_read(teacher: Path, student: Path, repeats: int = 3) -> float:
     """Seconds of `cat a b > /dev/null` with a warm page cache (best of `repeats`, after one warm-up)."""
-    cmd = f"cat {shlex_quote(teacher)} {shlex_quote(student)} > /dev/null"
+    cmd = f"cat {shlex.quote(str(teacher))} {shlex.quote(str(student))} > /dev/null"
     subprocess.run(cmd, shell=True, check=True)
     best = math.inf
     for _ in range(repeats):
@@ -286,12 +304,6 @@ def warm_read(teacher: Path, student: Path, repeats: int = 3) -> float:
         subprocess.run(cmd, shell=True, check=True)
         best = min(best, time.perf_counter() - t0)
     return best
-
-
-def shlex_quote(p: Path) -> str:
-    import shlex
-
-    return shlex.quote(str(p))
 
 
 def warm_cache(*paths: Path) -> None:
@@ -302,16 +314,16 @@ def warm_cache(*paths: Path) -> None:
 
 
 def table(rows: list[Measurement], naive: Measurement, read_s: float) -> str:
-    head = f"{'mode':<22}{'wall s':>9}{'work s':>9}{'cpu s':>9}{'peak RssAnon MiB':>18}{'VmHWM MiB':>11}{'time/naive':>12}{'anon/naive':>12}{'load':>7}"
-    lines = [head, "-" * len(head), f"{'read: cat a b (warm)':<22}{read_s:>9.2f}{'':>9}{'':>9}{'':>18}{'':>11}{read_s / naive.seconds:>12.3f}{'':>12}{'':>7}"]
+    head = f"{'mode':<22}{'wall s':>9}{'work s':>9}{'cpu s':>9}{'peak RssAnon MiB':>18}{'VmHWM MiB':>11}{'time/naive':>12}{'anon/naive':>12}{'others':>8}"
+    lines = [head, "-" * len(head), f"{'read: cat a b (warm)':<22}{read_s:>9.2f}{'':>9}{'':>9}{'':>18}{'':>11}{read_s / naive.seconds:>12.3f}{'':>12}{'':>8}"]
     for m in rows:
         work = m.child.get("work_s", math.nan)
         lines.append(
             f"{m.label:<22}{m.seconds:>9.2f}{work:>9.2f}{m.cpu_s:>9.1f}{m.peak_anon_mib:>18.0f}{m.hwm_mib:>11.0f}"
-            f"{m.seconds / naive.seconds:>12.3f}{m.peak_anon_mib / naive.peak_anon_mib:>12.3f}{m.load_before:>7.1f}"
+            f"{m.seconds / naive.seconds:>12.3f}{m.peak_anon_mib / naive.peak_anon_mib:>12.3f}{m.others_cpu:>8.0%}"
         )
     lines.append("wall s: the subprocess (interpreter start, imports, work); work s: the work alone, timed inside it;")
-    lines.append("cpu s: its user+sys CPU time; load: 1-min load average when it started (> CPUs: timings are contended)")
+    lines.append("cpu s: its user+sys CPU time; others: share of all CPUs other processes used meanwhile (contention)")
     return "\n".join(lines)
 
 
@@ -403,6 +415,9 @@ def print_report(report: dict[str, Any]) -> None:
     size = report["files"]["bytes_each"] / 1e9
     print(f"\nweightlens compare, SD1.5-sized U-Net x{report['scale']:g} ({size:.2f} GB per file), {report['cpus']} CPUs, torch threads {report['torch_threads']}")
     print(table(list(runs.values()), runs["naive"], report["read_s"]))
+    busy = [m.label for m in runs.values() if m.others_cpu > CONTENDED]
+    if busy:
+        print(f"WARNING: other processes used > {CONTENDED:.0%} of the CPUs during {', '.join(busy)}: those times are contended")
     print()
     for t in report["targets"]:
         print(f"{'PASS' if t['pass'] else 'FAIL'}  {t['target']:<30} {t['detail']}")
