@@ -125,30 +125,37 @@ def export(
 @app.command()
 def generate(
     model: Annotated[Path, typer.Argument(help="Folder written by `wadi-train export`")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="PNG grid to write")] = Path("grid.png"),
+    output: Annotated[Path, typer.Option("-o", "--output", help="PNG to write (a grid when several images)")] = Path("grid.png"),
+    prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="Text prompt(s) for a text-conditioned (SD) export, repeatable; cycled over -n")] = None,
     class_: Annotated[Optional[list[int]], typer.Option("--class", help="Class label(s) (repeatable)")] = None,
-    n: Annotated[int, typer.Option("-n", help="Number of samples")] = 16,
+    n: Annotated[Optional[int], typer.Option("-n", help="Number of images (default: 16 for classes, one per prompt)")] = None,
     seed: Annotated[int, typer.Option()] = 0,
-    height: Annotated[Optional[int], typer.Option(help="Height (beyond training size is allowed)")] = None,
+    height: Annotated[Optional[int], typer.Option(help="Height in pixels (beyond training size is allowed; SD: a multiple of 8)")] = None,
     width: Annotated[Optional[int], typer.Option()] = None,
     device: Annotated[str, typer.Option()] = "cpu",
+    dtype: Annotated[Optional[str], typer.Option(help="float32, float16 or bfloat16 (default: float32 on CPU, else the export's)")] = None,
 ) -> None:
-    """One-step sampling from an exported student into a PNG grid."""
+    """One-step sampling from an exported student into a PNG (class labels or text prompts)."""
+    from wadi_train.errors import OptionError, WadiError
     from wadi_train.generate import generate as gen
-    from wadi_train.generate import save_grid
+    from wadi_train.generate import generate_from_prompts, save_grid, save_images
 
     _setup()
-    def work() -> None:
-        images = gen(model, class_, n, seed, height, width, device)
+    def work() -> int:
+        if prompt and class_:
+            raise OptionError("--prompt and --class: give one, prompts for a text-conditioned export, classes for a class-conditional one")
+        if prompt:
+            images = generate_from_prompts(model, prompt, n, seed, height, width, device, dtype)
+        else:
+            images = gen(model, class_, 16 if n is None else n, seed, height, width, device, dtype)
         try:
-            save_grid(images, output)
+            (save_images if prompt else save_grid)(images, output)
         except OSError as exc:
-            from wadi_train.errors import WadiError
+            raise WadiError(f"{output}: cannot write the image ({exc.strerror or exc})") from None
+        return images.shape[0]
 
-            raise WadiError(f"{output}: cannot write the grid ({exc.strerror or exc})") from None
-
-    _run(work)
-    out.print(f"{n} samples: {output}")
+    count = _run(work)
+    out.print(f"{count} samples: {output}")
 
 
 @app.command()

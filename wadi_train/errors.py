@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["WadiError", "ConfigError", "ModelLoadError", "TrainingError"]
+__all__ = ["WadiError", "ConfigError", "ModelLoadError", "TrainingError", "OptionError"]
 
 
 class WadiError(Exception):
@@ -19,3 +19,7 @@ class ModelLoadError(WadiError):
 
 class TrainingError(WadiError):
     """Training had to stop (e.g. too many consecutive non-finite losses)."""
+
+
+class OptionError(WadiError):
+    """A command-line option's value cannot work (e.g. an image size the VAE cannot divide)."""
