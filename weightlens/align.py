@@ -1,10 +1,12 @@
 """Match teacher and student keys (DESIGN §4 "Keys are aligned automatically").
 
-Steps, each reported: restrict a whole-pipeline file to its denoiser and strip common
-prefixes (`model.diffusion_model.`, `unet.`, `transformer.`, `module.`...); rename original
-LDM/SD U-Net keys to diffusers names with diffusers' own converter; apply user `--map`
-rules to student keys; filter with include/exclude globs; pair by name and sort what could
-not be paired into only-in-teacher, only-in-student and shape mismatches.
+Steps, each reported: restrict a whole-pipeline file to its denoiser (the rest, VAE, text
+encoders, EMA copy, noise-schedule buffers, is counted as *skipped*, never as unaligned) and
+strip common prefixes (`model.diffusion_model.`, `unet.`, `transformer.`, `module.`...);
+optionally read the EMA copy (`model_ema.*`) of an original LDM checkpoint instead; rename
+original LDM/SD U-Net keys to diffusers names with diffusers' own converter; apply user
+`--map` rules to student keys; filter with include/exclude globs; pair by name and sort what
+could not be paired into only-in-teacher, only-in-student and shape mismatches.
 """
 
 from __future__ import annotations
@@ -25,6 +27,19 @@ log = logging.getLogger(__name__)
 COMPONENT_PREFIXES = ("model.diffusion_model.", "unet.", "transformer.")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.", "base_model.model.")
 LDM_MARKERS = ("input_blocks.", "middle_block.", "output_blocks.")
+LDM_UNET_PREFIX = "model.diffusion_model."
+LDM_EMA_PREFIX = "model_ema."
+# What the non-denoiser parts of whole-pipeline single files are (for the skipped-keys note).
+SKIPPED_GROUPS = (
+    ("first_stage_model.", "VAE"),
+    ("cond_stage_model.", "text encoder"),
+    ("conditioner.embedders.", "text encoders"),
+    ("text_encoders.", "text encoders"),
+    ("model_ema.", "EMA copy"),
+    ("model.diffusion_model.", "non-EMA U-Net"),
+    ("vae.", "VAE"),
+    ("text_encoder", "text encoder"),
+)
 
 
 @dataclass(frozen=True)
@@ -36,12 +51,15 @@ class AlignOptions:
         include: glob patterns on aligned names; empty keeps all.
         exclude: glob patterns on aligned names to drop.
         maps: `REGEX=REPLACEMENT` rules applied to the student's names (after auto-renaming).
+        ema: read the EMA copy of the U-Net (`model_ema.*`) from original LDM checkpoints
+            that store one, instead of the training weights (`model.diffusion_model.*`).
     """
 
     strip_prefix: tuple[str, ...] = ()
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     maps: tuple[str, ...] = ()
+    ema: bool = False
 
 
 @dataclass(frozen=True)
@@ -78,21 +96,61 @@ class Alignment:
     dtype_diff: tuple[tuple[str, str, str], ...]
     notes: tuple[str, ...] = field(default=())
     teacher_params: int = 0
+    skipped_teacher: tuple[str, ...] = ()
+    skipped_student: tuple[str, ...] = ()
 
 
-def _strip(keys: list[str], prefixes: Sequence[str], notes: list[str], side: str) -> dict[str, str]:
-    """Map canonical name -> original key after component selection and prefix stripping."""
+def _describe_skipped(keys: Sequence[str]) -> str:
+    """`12 first_stage_model.* (VAE), 3 top-level buffers`: what a file held besides the denoiser."""
+    counts: dict[str, int] = {}
+    for key in keys:
+        group = next((f"{p}* ({what})" for p, what in SKIPPED_GROUPS if key.startswith(p)), None)
+        if group is None:
+            group = f"{key.split('.')[0]}.*" if "." in key else "top-level buffers (noise schedule...)"
+        counts[group] = counts.get(group, 0) + 1
+    return ", ".join(f"{n} {g}" for g, n in sorted(counts.items(), key=lambda gn: (-gn[1], gn[0])))
+
+
+def _ema_keys(inside: dict[str, str], keys: set[str], side: str, notes: list[str]) -> dict[str, str]:
+    """Swap each `model.diffusion_model.X` for its EMA copy.
+
+    LDM's LitEma stores `model.diffusion_model.a.b.c` as `model_ema.diffusion_modelabc` (the
+    path after `model.` with its dots removed), as diffusers' `convert_ldm_unet_checkpoint`
+    reads it with `extract_ema=True`.
+    """
+    ema = {n: LDM_EMA_PREFIX + "".join(k.split(".")[1:]) for n, k in inside.items()}
+    missing = sorted(n for n, k in ema.items() if k not in keys)
+    if missing:
+        raise AlignmentError(f"{side}: --ema: {len(missing)} of {len(ema)} U-Net weights have no EMA copy (e.g. {missing[0]!r} has no {ema[missing[0]]!r}); the file's EMA is incomplete: compare without --ema")
+    notes.append(f"{side}: read the EMA copy ({LDM_EMA_PREFIX}*) of the {len(ema)} U-Net weights")
+    return ema
+
+
+def _strip(keys: list[str], options: AlignOptions, notes: list[str], side: str) -> tuple[dict[str, str], list[str]]:
+    """Map canonical name -> original key after component selection and prefix stripping.
+
+    Also returns the keys left out because they belong to other pipeline components.
+    """
     names = {k: k for k in keys}
-    for prefix in prefixes:
+    for prefix in options.strip_prefix:
         if names and all(n.startswith(prefix) for n in names):
             names = {n[len(prefix):]: k for n, k in names.items()}
             notes.append(f"{side}: stripped prefix {prefix!r}")
+    skipped: list[str] = []
     for prefix in COMPONENT_PREFIXES:
         inside = {n: k for n, k in names.items() if n.startswith(prefix)}
         if inside:
-            dropped = len(names) - len(inside)
             names = {n[len(prefix):]: k for n, k in inside.items()}
-            notes.append(f"{side}: kept the {len(inside)} keys under {prefix!r}" + (f", ignored {dropped} other keys (VAE, text encoder...)" if dropped else ""))
+            if prefix == LDM_UNET_PREFIX and options.ema:
+                if any(k.startswith(LDM_EMA_PREFIX) for k in keys):
+                    names = _ema_keys(names, set(keys), side, notes)
+                else:
+                    notes.append(f"{side}: --ema, but this file holds no EMA copy; read its U-Net weights")
+            used = set(names.values())
+            skipped = [k for k in keys if k not in used]
+            notes.append(f"{side}: kept the {len(inside)} keys under {prefix!r}" + (f", skipped {len(skipped)} other keys: {_describe_skipped(skipped)}" if skipped else ""))
+            if not options.ema and sum(k.startswith(LDM_EMA_PREFIX) for k in skipped) > 2:
+                notes.append(f"{side}: the file also holds an EMA copy of the U-Net ({LDM_EMA_PREFIX}*); pass --ema to compare it instead")
             break
     changed = True
     while changed:
@@ -102,7 +160,7 @@ def _strip(keys: list[str], prefixes: Sequence[str], notes: list[str], side: str
                 names = {n[len(prefix):]: k for n, k in names.items()}
                 notes.append(f"{side}: stripped prefix {prefix!r}")
                 changed = True
-    return names
+    return names, skipped
 
 
 def _is_ldm(names: Mapping[str, str]) -> bool:
@@ -156,12 +214,18 @@ def _apply_maps(names: dict[str, str], maps: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def canonical_names(infos: Mapping[str, TensorInfo], options: AlignOptions, side: str, other: Sequence[str] = ()) -> tuple[dict[str, str], list[str]]:
-    """Canonical (diffusers-style) name -> stored key for one checkpoint, with notes."""
+def _select(infos: Mapping[str, TensorInfo], options: AlignOptions, side: str, other: Sequence[str]) -> tuple[dict[str, str], list[str], list[str]]:
+    """Canonical names, notes and skipped keys of one checkpoint."""
     notes: list[str] = []
-    names = _strip(list(infos), options.strip_prefix, notes, side)
+    names, skipped = _strip(list(infos), options, notes, side)
     if _is_ldm(names):
         names = _ldm_to_diffusers(names, other, notes, side)
+    return names, notes, skipped
+
+
+def canonical_names(infos: Mapping[str, TensorInfo], options: AlignOptions, side: str, other: Sequence[str] = ()) -> tuple[dict[str, str], list[str]]:
+    """Canonical (diffusers-style) name -> stored key for one checkpoint, with notes."""
+    names, notes, _ = _select(infos, options, side, other)
     return names, notes
 
 
@@ -186,8 +250,10 @@ def align_keys(teacher: Mapping[str, TensorInfo], student: Mapping[str, TensorIn
     Raises:
         AlignmentError: when nothing aligns, with the closest hints.
     """
-    t_names, t_notes = canonical_names(teacher, options, "teacher")
-    s_names, s_notes = canonical_names(student, options, "student", other=list(t_names))
+    if options.ema and not any(k.startswith(LDM_EMA_PREFIX) for infos in (teacher, student) for k in infos):
+        raise OptionError(f"--ema: neither checkpoint holds EMA weights ({LDM_EMA_PREFIX}*, as original LDM .ckpt files do); compare without --ema")
+    t_names, t_notes, t_skipped = _select(teacher, options, "teacher", ())
+    s_names, s_notes, s_skipped = _select(student, options, "student", list(t_names))
     s_names = _apply_maps(s_names, options.maps)
     t_all = dict(t_names)
     t_names = {n: k for n, k in t_names.items() if _keep(n, options)}
@@ -209,6 +275,8 @@ def align_keys(teacher: Mapping[str, TensorInfo], student: Mapping[str, TensorIn
         dtype_diff=tuple(dtypes),
         notes=tuple(t_notes + s_notes),
         teacher_params=sum(teacher[k].numel for k in t_all.values()),
+        skipped_teacher=tuple(t_skipped),
+        skipped_student=tuple(s_skipped),
     )
     if not any(p.kind != "vector" for p in pairs):
         t_ex = ", ".join(list(t_names)[:3]) or "none"

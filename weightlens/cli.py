@@ -69,6 +69,7 @@ def compare(
     exclude: Annotated[Optional[list[str]], typer.Option(help="Drop layers matching this glob (repeatable)")] = None,
     map_: Annotated[Optional[list[str]], typer.Option("--map", help="Rename student keys: REGEX=REPLACEMENT (repeatable)")] = None,
     component: Annotated[Optional[str], typer.Option(help="Pipeline component folder: unet, transformer...")] = None,
+    ema: Annotated[bool, typer.Option(help="Read the EMA copy of the U-Net (model_ema.*) from original LDM .ckpt files that hold one")] = False,
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N")] = "cpu",
     workers: Annotated[int, typer.Option(help="Layers read ahead while one is computed (each holds a teacher+student pair in memory)")] = 1,
     stats_only: Annotated[bool, typer.Option(help="Norm/direction statistics only (no Theta, spectra or ranks)")] = False,
@@ -85,7 +86,7 @@ def compare(
 
     _setup(quiet, verbose)
     options = CompareOptions(
-        align=AlignOptions(tuple(strip_prefix or ()), tuple(include or ()), tuple(exclude or ()), tuple(map_ or ())),
+        align=AlignOptions(tuple(strip_prefix or ()), tuple(include or ()), tuple(exclude or ()), tuple(map_ or ()), ema=ema),
         energy=energy if energy is not None else (None if budget else 0.9), budget=budget,
         min_rank=min_rank, max_rank=max_rank, multiple_of=multiple_of, include_conv=include_conv,
         component=component, device=device, workers=workers, stats_only=stats_only,
