@@ -7,6 +7,9 @@ out + in/2, a LoRA one out + in). Steps alternate between the two models in one 
 the median ratio is printed. Target: LoRaD step time <= 1.2x LoRA.
 
     python bench/lorad_step.py [--rank 64] [--steps 8] [--threads 2]
+    python bench/lorad_step.py --device cuda --unet sd15 --rank 256 --autocast fp16   # SD1.5, 64x64 latents
+
+`measure(...)` returns the figures (bench/gpu_check.py reuses it).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import copy
 import re
 import statistics
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,14 +38,24 @@ def linears(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and re.fullmatch(BLOCKS, n)]
 
 
-def build(rank: int) -> tuple[nn.Module, nn.Module, int, int]:
+def unet_config(name: str) -> dict[str, Any]:
+    """`bench` (the CPU default above) or a `wadi_train.random_pipeline` preset's U-Net (`sd15`, `tiny`)."""
+    if name == "bench":
+        return dict(CONFIG)
+    from wadi_train.random_pipeline import PRESETS
+
+    return dict(PRESETS[name].unet)
+
+
+def build(rank: int, config: dict[str, Any] | None = None, device: str = "cpu") -> tuple[nn.Module, nn.Module, int, int]:
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig, inject_adapter_in_model
 
     from wadi_train.lorad import LoRaDConfig, count_lorad_params, inject_lorad
 
     torch.manual_seed(0)
-    base = UNet2DConditionModel(**CONFIG)
+    with torch.device(device):
+        base = UNet2DConditionModel(**(config or CONFIG)).requires_grad_(False)
     names = linears(base)
     lorad = inject_lorad(copy.deepcopy(base), LoRaDConfig(r=rank, target_modules=names, allow_excess_rank=True), "student")
     lorad_params = count_lorad_params(lorad, lorad.lorad_configs["student"])
@@ -53,22 +68,45 @@ def build(rank: int) -> tuple[nn.Module, nn.Module, int, int]:
     return lorad, lora, lorad_params, lora_params
 
 
-def step_fn(model: nn.Module) -> tuple[callable, torch.optim.Optimizer]:
+def step_fn(model: nn.Module, batch: int = 4, autocast: str | None = None) -> tuple[Callable[[], float], torch.optim.Optimizer]:
+    """One AdamW step on random inputs of the model's own latent size; returns (step, optimizer)."""
+    device = next(model.parameters()).device
+    c = model.config
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(4, 4, 32, 32, generator=gen)
-    t = torch.randint(0, 1000, (4,), generator=gen)
-    ctx = torch.randn(4, 16, 256, generator=gen)
+    x = torch.randn(batch, c.in_channels, c.sample_size, c.sample_size, generator=gen).to(device)
+    t = torch.randint(0, 1000, (batch,), generator=gen).to(device)
+    ctx = torch.randn(batch, 16, c.cross_attention_dim, generator=gen).to(device)
+    amp = getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[autocast]) if autocast else None
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def step() -> float:
+        sync()
         start = time.perf_counter()
-        out = model(x, t, encoder_hidden_states=ctx).sample
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            out = model(x, t, encoder_hidden_states=ctx).sample
         out.float().pow(2).mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        sync()
         return time.perf_counter() - start
 
     return step, opt
+
+
+def measure(rank: int = 64, steps: int = 8, config: dict[str, Any] | None = None, device: str = "cpu", autocast: str | None = None, batch: int = 4) -> dict[str, Any]:
+    """Median step seconds of LoRaD and LoRA (equal parameter count), alternating, after a warm-up."""
+    lorad, lora, p_lorad, p_lora = build(rank, config, device)
+    s_lorad, _ = step_fn(lorad, batch, autocast)
+    s_lora, _ = step_fn(lora, batch, autocast)
+    s_lorad(), s_lora()  # warm-up
+    t_lorad, t_lora = [], []
+    for _ in range(steps):
+        t_lorad.append(s_lorad())
+        t_lora.append(s_lora())
+    a, b = statistics.median(t_lorad), statistics.median(t_lora)
+    frozen = sum(p.numel() for p in lorad.parameters() if not p.requires_grad)
+    return {"rank": rank, "lorad_params": p_lorad, "lora_params": p_lora, "lorad_s": a, "lora_s": b, "ratio": a / b, "backbone_params": frozen, "autocast": autocast or "none", "device": device}
 
 
 def main() -> None:
@@ -76,23 +114,18 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--unet", default="bench", choices=("bench", "sd15", "tiny"), help="the U-Net: this file's CPU benchmark config or a random_pipeline preset")
+    ap.add_argument("--autocast", choices=("fp16", "bf16"), default=None, help="mixed precision for the forward pass")
+    ap.add_argument("--batch", type=int, default=4)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    lorad, lora, p_lorad, p_lora = build(args.rank)
-    s_lorad, _ = step_fn(lorad)
-    s_lora, _ = step_fn(lora)
-    s_lorad(), s_lora()  # warm-up
-    t_lorad, t_lora = [], []
-    for _ in range(args.steps):
-        t_lorad.append(s_lorad())
-        t_lora.append(s_lora())
-    a, b = statistics.median(t_lorad), statistics.median(t_lora)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, U-Net {sum(p.numel() for p in lorad.parameters() if not p.requires_grad) / 1e6:.1f}M params")
-    print(f"LoRaD rank {args.rank}: {p_lorad:,} trainable params, median step {a * 1000:.1f} ms")
-    print(f"LoRA  (PEFT) equal count: {p_lora:,} trainable params, median step {b * 1000:.1f} ms")
-    ratio = a / b
-    print(f"ratio LoRaD / LoRA = {ratio:.3f}  (target <= 1.2: {'PASS' if ratio <= 1.2 else 'FAIL'})")
+    r = measure(args.rank, args.steps, unet_config(args.unet), args.device, args.autocast, args.batch)
+    print(f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, U-Net {r['backbone_params'] / 1e6:.1f}M params, autocast {r['autocast']}")
+    print(f"LoRaD rank {args.rank}: {r['lorad_params']:,} trainable params, median step {r['lorad_s'] * 1000:.1f} ms")
+    print(f"LoRA  (PEFT) equal count: {r['lora_params']:,} trainable params, median step {r['lora_s'] * 1000:.1f} ms")
+    print(f"ratio LoRaD / LoRA = {r['ratio']:.3f}  (target <= 1.2: {'PASS' if r['ratio'] <= 1.2 else 'FAIL'})")
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,8 +26,17 @@ from wadi_train.models import FAMILIES, Cond, denoise
 from wadi_train.one_step import one_step_x0
 
 __all__ = [
-    "image_grid", "save_grid", "save_images", "read_export_info", "load_exported", "load_export_pipeline",
-    "generate", "generate_from_prompts", "PROMPT_ENCODERS", "write_student_samples",
+    "PROMPT_ENCODERS",
+    "generate",
+    "generate_from_prompts",
+    "image_grid",
+    "load_export_pipeline",
+    "load_exported",
+    "one_step_images",
+    "read_export_info",
+    "save_grid",
+    "save_images",
+    "write_student_samples",
 ]
 
 log = logging.getLogger(__name__)
@@ -148,6 +157,13 @@ PROMPT_ENCODERS: dict[str, Callable[[Any, list[str], torch.device], Cond]] = {
 _UNUSED_PARTS = ("safety_checker", "feature_extractor", "image_encoder")  # generate never calls them
 
 
+def _dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """`dtype=` where diffusers has it (recent releases deprecate `torch_dtype=`), else `torch_dtype=`."""
+    import diffusers.utils.deprecation_utils as dep
+
+    return {"dtype": dtype} if hasattr(dep, "_resolve_dtype") else {"torch_dtype": dtype}
+
+
 def load_export_pipeline(folder: str | Path, device: str = "cpu", dtype: str | None = None) -> tuple[Any, dict[str, Any]]:
     """A text-conditioned export as its stock diffusers pipeline, on `device`: (pipeline, info).
 
@@ -170,23 +186,23 @@ def load_export_pipeline(folder: str | Path, device: str = "cpu", dtype: str | N
     skip = {k: None for k in _UNUSED_PARTS if (index.get(k) or [None])[0] is not None}
     torch_dtype = _dtype(dtype, torch.float32 if torch.device(device).type == "cpu" else getattr(torch, info.get("dtype", "float32")))
     try:
-        pipe = DiffusionPipeline.from_pretrained(root, local_files_only=True, **skip, **({"requires_safety_checker": False} if skip else {}))
+        pipe = DiffusionPipeline.from_pretrained(root, local_files_only=True, **_dtype_kwarg(torch_dtype), **skip, **({"requires_safety_checker": False} if skip else {}))
     except (OSError, ValueError, SafetensorError) as exc:
         raise ModelLoadError(f"{root}: could not load the exported {cls} ({str(exc).strip().splitlines()[0][:200]}); {_again(root)}") from None
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device, torch_dtype), info
+    return pipe.to(device), info
 
 
-def _latent_hw(pipe: Any, denoiser: torch.nn.Module, height: int | None, width: int | None) -> tuple[int, int]:
+def _latent_hw(pipe: Any, denoiser: Any, height: int | None, width: int | None) -> tuple[int, int]:
     """Latent (h, w) for an image size; the default is the denoiser's training size."""
     vae_factor = int(pipe.vae_scale_factor)
     patch = int(getattr(denoiser.config, "patch_size", None) or 1)
     step = vae_factor * patch
     sample = denoiser.config.sample_size
-    default = (sample if isinstance(sample, int) else sample[0]) * vae_factor
-    sizes = []
-    for flag, value in (("--height", height), ("--width", width)):
-        value = default if value is None else value
+    default = int(sample if isinstance(sample, int) else sample[0]) * vae_factor
+    sizes: list[int] = []
+    for flag, given in (("--height", height), ("--width", width)):
+        value = default if given is None else given
         if value <= 0 or value % step:
             why = f"the VAE downsamples by {vae_factor}" + (f" and the transformer's patches are {patch} latents wide" if patch > 1 else "")
             nearest = max(step, round(value / step) * step)
@@ -218,23 +234,45 @@ def generate_from_prompts(folder: str | Path, prompts: list[str], n: int | None 
         raise OptionError(f"-n {n}, batch size {batch_size}: both must be at least 1")
     pipe, info = load_export_pipeline(folder, device, dtype)
     denoiser = getattr(pipe, FAMILIES[info["family"]].subfolder)
-    family, dev, dt = info["family"], pipe.device, denoiser.dtype
+    dev = pipe.device
     h, w = _latent_hw(pipe, denoiser, height, width)
     log.info("%d image(s) of %dx%d px (latents %dx%d) from %s", n, h * pipe.vae_scale_factor, w * pipe.vae_scale_factor, h, w, folder)
     embeds = PROMPT_ENCODERS[type(pipe).__name__](pipe, list(prompts), dev)
     idx = torch.arange(n) % len(prompts)
     noise = torch.randn(n, denoiser.config.in_channels, h, w, generator=torch.Generator().manual_seed(seed))  # (n, C, h, w)
-    alphas = torch.tensor(info["alphas_cumprod"], dtype=torch.float32, device=dev)
-    vae = pipe.vae
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
     images = []
     for start in range(0, n, batch_size):
-        sel = idx[start : start + batch_size].to(dev)
-        cond = embeds._map(lambda e: e[sel])
-        x0 = one_step_x0(lambda x, t: denoise(denoiser, family, x.to(dt), t, cond), noise[start : start + batch_size].to(dev), alphas, info["prediction_type"], info.get("generator_timestep"))
-        latents = x0 / vae.config.scaling_factor + shift  # the inverse of the VAE's latent scaling
-        images.append(vae.decode(latents.to(vae.dtype)).sample.float().clamp(-1, 1).cpu())
+        rows = idx[start : start + batch_size].to(dev)
+        images.append(one_step_images(pipe, info, noise[start : start + batch_size], _rows(embeds, rows)).cpu())
     return torch.cat(images)
+
+
+def _rows(cond: Cond, rows: Tensor) -> Cond:
+    """The conditioning of the given batch rows (prompt i for image j: rows[j] = i)."""
+    return cond._map(lambda t: t[rows])
+
+
+@torch.no_grad()
+def one_step_images(pipe: Any, info: dict[str, Any], noise: Tensor, cond: Cond) -> Tensor:
+    """The student's one-step x0 from latent noise (B, C, h, w), decoded by the pipeline's VAE.
+
+    Args:
+        pipe: a pipeline from `load_export_pipeline`.
+        info: its export record (noise schedule, prediction type, generator timestep).
+        noise: x_T, standard normal latents (any device; moved to the pipeline's).
+        cond: the prompts' conditioning, e.g. `PROMPT_ENCODERS[...](pipe, prompts, device)`.
+
+    Returns:
+        (B, 3, 8h, 8w) images in [-1, 1] (for SD's 8x VAE), float32 on the pipeline's device.
+    """
+    family = info["family"]
+    denoiser = getattr(pipe, FAMILIES[family].subfolder)
+    dev, dt = pipe.device, denoiser.dtype
+    alphas = torch.tensor(info["alphas_cumprod"], dtype=torch.float32, device=dev)
+    x0 = one_step_x0(lambda x, t: denoise(denoiser, family, x.to(dt), t, cond), noise.to(dev), alphas, info["prediction_type"], info.get("generator_timestep"))
+    vae = pipe.vae
+    latents = x0 / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)  # undo the VAE's latent scaling
+    return vae.decode(latents.to(vae.dtype)).sample.float().clamp(-1, 1)
 
 
 @torch.no_grad()
