@@ -21,7 +21,7 @@ import torch
 
 from wadi_train.errors import ConfigError
 
-__all__ = ["PipelinePreset", "PRESETS", "byte_level_clip_tokenizer", "random_sd_pipeline"]
+__all__ = ["PRESETS", "PipelinePreset", "byte_level_clip_tokenizer", "random_sd_pipeline"]
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,12 @@ def random_sd_pipeline(preset: str | PipelinePreset = "tiny", seed: int = 0, dev
     Returns:
         The pipeline (no safety checker); `.save_pretrained(folder)` writes a pipeline folder.
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDPMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
 
     if isinstance(preset, str):
         if preset not in PRESETS:
