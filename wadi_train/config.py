@@ -88,6 +88,12 @@ class VSDConfig:
     fake_t_max: int = 999
     weighting: str = "one_minus_abar"
     generator_timestep: int | None = None
+    # Optional DMD-style regression (Yin et al. 2024): the student also matches the teacher's
+    # multi-step DDIM output on a fixed set of (noise, condition) pairs made at start-up.
+    # 0 (the default) is pure VSD, as in SwiftBrush/WaDi.
+    regression_weight: float = 0.0
+    regression_pairs: int = 1024
+    regression_steps: int = 25
 
 
 @dataclass
@@ -285,6 +291,10 @@ def validate(config: RunConfig, check_files: bool = True) -> list[str]:
     _range(e, "vsd.fake_t_min", v.fake_t_min, 0, m.num_train_timesteps - 1)
     _range(e, "vsd.fake_t_max", v.fake_t_max, 0, m.num_train_timesteps - 1)
     _range(e, "vsd.generator_timestep", v.generator_timestep, 0, m.num_train_timesteps - 1)
+    _range(e, "vsd.regression_weight", v.regression_weight, 0)
+    if v.regression_weight > 0:
+        _range(e, "vsd.regression_pairs", v.regression_pairs, 1)
+        _range(e, "vsd.regression_steps", v.regression_steps, 1, m.num_train_timesteps)
     if v.t_min > v.t_max or v.fake_t_min > v.fake_t_max:
         e.append("vsd: t_min must not exceed t_max (and fake_t_min not fake_t_max)")
     from wadi_train.losses import WEIGHTINGS

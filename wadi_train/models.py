@@ -47,6 +47,10 @@ class Cond:
             return t.to(device, dtype) if dtype is not None and t.is_floating_point() else t.to(device)
         return self._map(move)
 
+    def index(self, index: Tensor) -> "Cond":
+        """The rows `index` of every tensor."""
+        return self._map(lambda t: t[index])
+
     def cat(self, other: "Cond") -> "Cond":
         """Concatenate two batches (e.g. cond and uncond for one CFG forward)."""
         def pair(a: Tensor | None, b: Tensor | None) -> Tensor | None:

@@ -34,11 +34,12 @@ from wadi_train.errors import ConfigError, TrainingError
 from wadi_train.losses import denoising_loss, vsd_student_loss
 from wadi_train.models import Cond, Teacher, load_teacher
 from wadi_train.one_step import abar_at, add_noise, cfg, one_step_x0, sample_timesteps
+from wadi_train.regression import ODEPairs, make_ode_pairs, regression_loss
 
 __all__ = ["TrainResult", "train", "run_dir_of", "Distiller"]
 
 log = logging.getLogger(__name__)
-METRICS = ("step", "loss_student", "loss_fake", "grad_norm_student", "grad_norm_fake", "vsd_grad_norm", "lr_student", "lr_fake", "theta_abs_mean", "theta_abs_max", "nonfinite_skipped", "seconds")
+METRICS = ("step", "loss_student", "loss_regression", "loss_fake", "grad_norm_student", "grad_norm_fake", "vsd_grad_norm", "lr_student", "lr_fake", "theta_abs_mean", "theta_abs_max", "nonfinite_skipped", "seconds")
 
 
 @dataclass
@@ -91,6 +92,7 @@ class Distiller:
         self.sampler = _sampler(config, self.teacher, run_dir)
         self.gen = torch.Generator().manual_seed(config.train.seed * 1000 + accelerator.process_index + 1)
         self.alphas = self.teacher.alphas_cumprod.to(accelerator.device)
+        self.pairs = self._regression_pairs() if config.vsd.regression_weight > 0 else None
         self.step = 0
         self.nonfinite_total = 0
 
@@ -109,6 +111,17 @@ class Distiller:
         state = self.roles.student_state()
         params = self.roles.student_parameters()
         return dict(zip(state.keys(), params)) if len(state) == len(params) else {str(i): p for i, p in enumerate(params)}
+
+    def _regression_pairs(self) -> ODEPairs:
+        """The teacher's DDIM outputs on fixed noises (vsd.regression_*), made once per run."""
+        v = self.config.vsd
+
+        def teacher(x: Tensor, t: Tensor, cond: Cond) -> Tensor:
+            with self.acc.autocast():
+                return self.roles.predict("teacher", x, t, cond).float()
+
+        log.info("making %d regression pairs with the teacher (%d DDIM steps)", v.regression_pairs, v.regression_steps)
+        return make_ode_pairs(teacher, self.sampler, v.regression_pairs, self.teacher.sample_shape, self.teacher.scheduler_config, v.regression_steps, v.teacher_cfg, self.config.train.seed, self.acc.device)
 
     # -- one training step ------------------------------------------------------------------
     def _randn(self, shape: tuple[int, ...]) -> Tensor:
@@ -151,22 +164,30 @@ class Distiller:
         c, v = self.config, self.config.vsd
         b, accum = c.train.batch_size, c.train.grad_accum
         shape = (b, *self.teacher.sample_shape)
-        x0s, conds, s_losses, vsd_norms = [], [], [], []
+        x0s, conds, s_losses, r_losses, vsd_norms = [], [], [], [], []
         self.opt_s.zero_grad(set_to_none=True)
         for _ in range(accum):
             cond = self.sampler.sample(b, self.gen).to(self.acc.device)
             z = self._randn(shape)
+            if self.pairs is not None:  # one student forward over fresh noise + pair noise
+                z_r, cond_r, target_r = self.pairs.batch(torch.randint(len(self.pairs), (b,), generator=self.gen))
+                z, cond = torch.cat((z, z_r)), cond.cat(cond_r)
             with self.acc.autocast():
-                x0_hat = self.generate(z, cond).float()
+                x0_all = self.generate(z, cond).float()
+                x0_hat, cond = x0_all[:b], cond.index(torch.arange(b, device=self.acc.device))
                 t = sample_timesteps(b, v.t_min, v.t_max, generator=self.gen).to(self.acc.device)
                 x_t = add_noise(x0_hat.detach(), self._randn(shape), abar_at(self.alphas, t, len(shape)))
                 with torch.no_grad():
                     eps_t = self._cfg_eps("teacher", x_t, t, cond, v.teacher_cfg)
                     eps_f = self._cfg_eps("fake", x_t, t, cond, v.fake_cfg)
             loss, diag = vsd_student_loss(x0_hat, eps_t, eps_f, abar_at(self.alphas, t, len(shape)), v.weighting)
+            s_losses.append(float(loss.detach()))
+            if self.pairs is not None:
+                loss_r, _ = regression_loss(x0_all[b:], target_r)
+                loss = loss + v.regression_weight * loss_r
+                r_losses.append(float(loss_r.detach()))
             self.roles.activate("student")  # backward may recompute checkpointed student blocks
             self.acc.backward(loss / accum)
-            s_losses.append(float(loss.detach()))
             vsd_norms.append(float(diag.get("grad_norm", math.nan)))
             x0s.append(x0_hat.detach())
             conds.append(cond)
@@ -174,7 +195,7 @@ class Distiller:
         self._reduce_grads(s_params)
         gn_s = self._clip(s_params)
         f_losses, gn_f = [], 0.0
-        finite = all(math.isfinite(x) for x in s_losses) and math.isfinite(gn_s)
+        finite = all(math.isfinite(x) for x in s_losses + r_losses) and math.isfinite(gn_s)
         if finite:
             self.opt_s.step()
             self.sched_s.step()
@@ -203,7 +224,7 @@ class Distiller:
             self.ema.update(self._student_named())
         self.step += 1
         return {
-            "loss_student": sum(s_losses) / len(s_losses), "loss_fake": sum(f_losses) / max(len(f_losses), 1),
+            "loss_student": sum(s_losses) / len(s_losses), "loss_regression": sum(r_losses) / len(r_losses) if r_losses else math.nan, "loss_fake": sum(f_losses) / max(len(f_losses), 1),
             "grad_norm_student": gn_s, "grad_norm_fake": gn_f, "vsd_grad_norm": sum(vsd_norms) / len(vsd_norms),
             "lr_student": self.sched_s.get_last_lr()[0], "lr_fake": self.sched_f.get_last_lr()[0],
             **self.theta_stats(), "finite": float(finite),
