@@ -158,6 +158,55 @@ def generate(
     out.print(f"{count} samples: {output}")
 
 
+@app.command("eval")
+def eval_(
+    model: Annotated[Path, typer.Argument(help="Folder written by `wadi-train export`")],
+    prompts: Annotated[Optional[Path], typer.Option(help="Captions: .txt (one a line), .csv/.tsv (caption column), COCO captions_*.json")] = None,
+    reference: Annotated[Optional[Path], typer.Option(help="Folder of reference images, or .npz statistics (mu, sigma)")] = None,
+    n: Annotated[Optional[int], typer.Option("-n", help="Images to generate", show_default="30000")] = None,
+    inception_weights: Annotated[Optional[Path], typer.Option(help="FID Inception-v3 weights (pytorch-fid / torch-fidelity .pth)")] = None,
+    clip: Annotated[Optional[Path], typer.Option(help="Local transformers CLIP folder")] = None,
+    clip_score: Annotated[Optional[bool], typer.Option("--clip-score/--no-clip-score", help="Compute the CLIP score", show_default="on")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="YAML with any of these settings (flags win)")] = None,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder for results.json and samples.png")] = Path("eval"),
+    prompt_column: Annotated[Optional[str], typer.Option(help="Caption column of a .csv/.tsv")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Caption choice and noise", show_default="0")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(show_default="16")] = None,
+    resolution: Annotated[Optional[int], typer.Option(help="Image side in pixels", show_default="training size")] = None,
+    device: Annotated[Optional[str], typer.Option(show_default="cpu")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="float32, float16 or bfloat16")] = None,
+    save_images: Annotated[bool, typer.Option("--save-images", help="Also write every image to OUT/images/")] = False,
+    save_reference_stats: Annotated[Optional[Path], typer.Option(help="Write the reference folder's statistics to this .npz")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """FID and CLIP score of an exported one-step student over a caption file (COCO-30K style)."""
+    from wadi_train.evaluation.model_eval import evaluate_model, load_eval_config
+
+    _setup(quiet)
+    flags = {
+        "prompts": prompts, "reference": reference, "n": n, "inception_weights": inception_weights, "clip": clip, "clip_score": clip_score,
+        "prompt_column": prompt_column, "seed": seed, "batch_size": batch_size, "resolution": resolution, "device": device, "dtype": dtype,
+        "save_images": save_images or None, "save_reference_stats": save_reference_stats,
+    }
+
+    def work() -> dict:
+        cfg = load_eval_config(config, flags)
+        bar = Progress(TextColumn("[bold]{task.fields[stage]:<10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), console=err, disable=quiet)
+        tasks: dict[str, int] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task("", total=total, stage=stage)
+            bar.update(tasks[stage], completed=done)
+
+        with bar:
+            return evaluate_model(model, output, cfg, progress)
+
+    res = _run(work)
+    clip_text = "" if res["clip_score"] is None else f", CLIP score {res['clip_score']:.2f}"
+    out.print(f"FID {res['fid']:.3f}{clip_text} ({res['n']} images at {res['resolution']} px): {output / 'results.json'}")
+
+
 @app.command()
 def demo(
     output: Annotated[Path, typer.Option("-o", "--output", help="Where the reports go")] = Path("reports/digits"),

@@ -1,8 +1,9 @@
 """Conditioning data: prompt files for text models, class labels for class-conditional ones.
 
 Prompt files: `.txt` (one prompt a line), `.jsonl` (a `prompt_column` field per line),
-`.csv` / `.parquet` (a column). Text embeddings are computed once with the pipeline's text
-encoder and cached; a batch is then an index draw from a seeded generator.
+`.csv` / `.tsv` / `.parquet` (a column), `.json` (COCO caption annotations). Text embeddings
+are computed once with the pipeline's text encoder and cached; a batch is then an index draw
+from a seeded generator.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -18,33 +20,65 @@ from torch import Tensor
 from wadi_train.errors import ConfigError
 from wadi_train.models import Cond, Teacher
 
-__all__ = ["read_prompts", "ConditionSampler", "ClassSampler", "TextSampler", "encode_prompts", "load_embeddings"]
+__all__ = ["PROMPT_COLUMNS", "ClassSampler", "ConditionSampler", "TextSampler", "encode_prompts", "load_embeddings", "read_prompts"]
 
 log = logging.getLogger(__name__)
 
 
-def read_prompts(path: str | Path, column: str = "text") -> list[str]:
-    """All prompts of a .txt/.jsonl/.csv/.parquet file, empty lines dropped."""
+PROMPT_COLUMNS = ("text", "caption", "prompt", "captions")  # tried in order when no column is given
+
+
+def read_prompts(path: str | Path, column: str | None = "text") -> list[str]:
+    """All prompts of a prompt file, stripped, empty ones dropped, in file order.
+
+    Formats: `.txt` (one prompt a line), `.jsonl` (a `column` field per line), `.csv` / `.tsv`
+    / `.parquet` (a column), `.json` (COCO caption annotations such as
+    `captions_val2014.json`: `{"annotations": [{"caption": ...}, ...]}`, or a list of strings).
+    `column=None` picks the first of `PROMPT_COLUMNS` the file has.
+    """
     p = Path(path)
     suffix = p.suffix.lower()
     try:
         if suffix == ".txt":
-            prompts = [ln.strip() for ln in p.read_text().splitlines()]
+            prompts = p.read_text().splitlines()
         elif suffix == ".jsonl":
-            prompts = [str(json.loads(ln)[column]) for ln in p.read_text().splitlines() if ln.strip()]
-        elif suffix in (".csv", ".parquet"):
+            rows = [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()]
+            prompts = [str(r[_pick_column(p, column, r.keys())]) for r in rows]
+        elif suffix == ".json":
+            prompts = _json_prompts(p, json.loads(p.read_text()))
+        elif suffix in (".csv", ".tsv", ".parquet"):
             import pandas as pd
 
-            df = pd.read_csv(p) if suffix == ".csv" else pd.read_parquet(p)
-            prompts = [str(x) for x in df[column].tolist()]
+            df = pd.read_parquet(p) if suffix == ".parquet" else pd.read_csv(p, sep="\t" if suffix == ".tsv" else ",", keep_default_na=False)
+            prompts = [str(x) for x in df[_pick_column(p, column, df.columns)].tolist()]
         else:
-            raise ConfigError(f"{p}: prompt files are .txt, .jsonl, .csv or .parquet")
-    except (OSError, KeyError, ValueError) as exc:
-        raise ConfigError(f"{p}: cannot read prompts (column {column!r}: {exc})") from None
-    prompts = [x for x in prompts if x]
+            raise ConfigError(f"{p}: prompt files are .txt, .jsonl, .json (COCO captions), .csv, .tsv or .parquet")
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        raise ConfigError(f"{p}: cannot read prompts ({type(exc).__name__}: {exc})") from None
+    prompts = [x.strip() for x in prompts if x.strip()]
     if not prompts:
         raise ConfigError(f"{p}: no prompts found")
     return prompts
+
+
+def _pick_column(path: Path, column: str | None, available: Any) -> str:
+    names = [str(c) for c in available]
+    if column is not None and column in names:
+        return column
+    found = next((c for c in PROMPT_COLUMNS if c in names), None) if column is None else None
+    if found is None:
+        wanted = f"column {column!r}" if column else f"a column named one of {list(PROMPT_COLUMNS)}"
+        raise ConfigError(f"{path}: no {wanted}; its columns are {names[:20]}: name the prompt column (--prompt-column / data.prompt_column)")
+    return found
+
+
+def _json_prompts(path: Path, data: Any) -> list[str]:
+    """COCO caption annotations (`annotations[*].caption`) or a plain list of strings."""
+    if isinstance(data, dict) and isinstance(data.get("annotations"), list):
+        return [str(a["caption"]) for a in data["annotations"]]
+    if isinstance(data, list) and all(isinstance(x, str) for x in data):
+        return data
+    raise ConfigError(f"{path}: a .json prompt file is COCO caption annotations ({{\"annotations\": [{{\"caption\": ...}}]}}) or a list of strings")
 
 
 class ConditionSampler:
