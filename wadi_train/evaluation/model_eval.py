@@ -298,6 +298,7 @@ def evaluate_model(model: str | Path, output: str | Path, config: EvalConfig, pr
     inception = load_inception(config.inception_weights, config.device)
     clip = load_clip(config.clip, config.device) if config.clip_score else None
     sampler = load_sampler(root, config.device, config.dtype, config.resolution, config.seed)
+    sampler.check(prompts)
     ref_stats, ref_record = _reference(config, inception, sampler.resolution, progress)
 
     out.mkdir(parents=True, exist_ok=True)

@@ -60,6 +60,12 @@ class OneStepSampler:
     _noise_shape: tuple[int, int, int]
     _seed: int
 
+    def check(self, prompts: list[str]) -> None:
+        """Raise EvaluationError now, before any long work, for prompts this model cannot take
+        (a class-conditional export needs class labels)."""
+        if self.conditioning == "class":
+            self._condition(prompts)
+
     @torch.no_grad()
     def __call__(self, prompts: list[str], indices: list[int]) -> Tensor:
         """(B, 3, R, R) uint8 images, image j made from prompts[j] and the noise of indices[j]."""
