@@ -184,37 +184,39 @@ def vsd_config(args: argparse.Namespace, scale: Scale, pipeline: Path, precision
     return load_config(REPO / "configs" / "sd15.yaml", overrides)
 
 
-def stage_vsd(args: argparse.Namespace, scale: Scale, rep: Report) -> Path | None:
+def precisions(args: argparse.Namespace) -> list[str]:
+    """--precisions, with fp16 replaced by fp32 ('no') off CUDA (fp16 autocast needs a GPU)."""
+    names = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    if not args.device.startswith("cuda") and "fp16" in names:
+        print("  fp16 autocast needs a GPU: on CPU that run is fp32 ('no')", flush=True)
+        names = ["no" if p == "fp16" else p for p in names]
+    return names
+
+
+def stage_vsd(args: argparse.Namespace, scale: Scale, pipeline: Path, precision: str, rep: Report) -> Path:
+    """`--steps` VSD steps at one mixed precision through `wadi_train.train.train`; returns the run folder."""
     import shutil
 
     import pandas as pd
 
     from wadi_train.train import train
 
-    pipeline = build_pipeline(args, scale)
     steps = args.steps or (3 if args.tiny else 20)
-    last_run = None
-    for precision in [p.strip() for p in args.precisions.split(",") if p.strip()]:
-        if precision == "fp16" and not args.device.startswith("cuda"):
-            print("  fp16 autocast needs a GPU: on CPU this run is fp32 ('no')", flush=True)
-            precision = "no"
-        cfg = vsd_config(args, scale, pipeline, precision, steps)
-        shutil.rmtree(cfg.output_dir, ignore_errors=True)
-        reset_peak(args.device)
-        t0 = time.perf_counter()
-        res = train(cfg)
-        wall = time.perf_counter() - t0
-        m = pd.read_csv(res.run_dir / "metrics.csv")
-        step_s = m["seconds"].diff().dropna()  # per step; step 1 (warm-up, autotuning) left out
-        median = float(step_s.median()) if len(step_s) else float(m["seconds"].iloc[0])
-        peak = peak_gib(args.device)
-        losses = m[["loss_student", "loss_fake", "grad_norm_student", "grad_norm_fake"]].to_numpy()
-        finite = bool(len(m) == steps and res.nonfinite_skipped == 0 and math.isfinite(float(losses.sum())))
-        px = cfg_px(pipeline)
-        rep.figures[f"vsd_{precision}"] = {"steps": res.steps, "median_step_s": median, "first_step_s": float(m["seconds"].iloc[0]), "wall_s": wall, "peak_gib": peak, "loss_student": m["loss_student"].tolist(), "loss_fake": m["loss_fake"].tolist()}
-        rep.check(f"VSD {precision} finite", finite, f"{res.steps} steps at {px} px, batch {args.batch}: median {median * 1000:.0f} ms/step (first {m['seconds'].iloc[0]:.1f} s), peak {fmt_gib(peak)}, last losses student {m['loss_student'].iloc[-1]:.3g} fake {m['loss_fake'].iloc[-1]:.3g}, {res.nonfinite_skipped} skipped ({wall:.0f} s with loading)")
-        last_run = res.run_dir
-    return last_run
+    cfg = vsd_config(args, scale, pipeline, precision, steps)
+    shutil.rmtree(cfg.output_dir, ignore_errors=True)
+    reset_peak(args.device)
+    t0 = time.perf_counter()
+    res = train(cfg)
+    wall = time.perf_counter() - t0
+    m = pd.read_csv(res.run_dir / "metrics.csv")
+    step_s = m["seconds"].diff().dropna()  # per step; step 1 (warm-up, autotuning) left out
+    median = float(step_s.median()) if len(step_s) else float(m["seconds"].iloc[0])
+    peak = peak_gib(args.device)
+    losses = m[["loss_student", "loss_fake", "grad_norm_student", "grad_norm_fake"]].to_numpy()
+    finite = bool(len(m) == steps and res.nonfinite_skipped == 0 and math.isfinite(float(losses.sum())))
+    rep.figures[f"vsd_{precision}"] = {"steps": res.steps, "median_step_s": median, "first_step_s": float(m["seconds"].iloc[0]), "wall_s": wall, "peak_gib": peak, "loss_student": m["loss_student"].tolist(), "loss_fake": m["loss_fake"].tolist()}
+    rep.check(f"VSD {precision} finite", finite, f"{res.steps} steps at {cfg_px(pipeline)} px, batch {args.batch}: median {median * 1000:.0f} ms/step (first {m['seconds'].iloc[0]:.1f} s), peak {fmt_gib(peak)}, last losses student {m['loss_student'].iloc[-1]:.3g} fake {m['loss_fake'].iloc[-1]:.3g}, {res.nonfinite_skipped} skipped ({wall:.0f} s with loading)")
+    return res.run_dir
 
 
 def cfg_px(pipeline: Path) -> int:
@@ -270,7 +272,7 @@ def run_stage(name: str, fn: Callable[[], Any], rep: Report) -> Any:
     try:
         return fn()
     except Exception as exc:  # noqa: BLE001 - a check script reports every stage, whatever one of them raised
-        rep.check(name, False, f"raised {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}")
+        rep.check(name, False, f"raised {type(exc).__name__}: {' '.join(str(exc).split())[:500]}")
         return None
     finally:
         rep.figures.setdefault("stage_s", {})[name] = time.perf_counter() - t0
@@ -294,7 +296,11 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     if "weightlens" not in skip:
         run_stage("weightlens", lambda: stage_weightlens(args, scale, rep), rep)
-    run_dir = run_stage("vsd", lambda: stage_vsd(args, scale, rep), rep) if "vsd" not in skip else None
+    run_dir = None
+    if "vsd" not in skip:
+        pipeline = run_stage("pipeline", lambda: build_pipeline(args, scale), rep)
+        for precision in precisions(args) if pipeline is not None else []:  # one failing precision does not stop the next
+            run_dir = run_stage(f"vsd {precision}", lambda p=precision: stage_vsd(args, scale, pipeline, p, rep), rep) or run_dir
     if "lora" not in skip:
         run_stage("lora", lambda: stage_lora(args, scale, rep), rep)
     if "generate" not in skip and run_dir is not None:

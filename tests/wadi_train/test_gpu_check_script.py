@@ -44,4 +44,4 @@ def test_cpu_tiny_path_runs_every_stage(tmp_path: Path) -> None:
         vsd = figures[f"vsd_{precision}"]
         assert vsd["steps"] == 2 and len(vsd["loss_student"]) == 2 and vsd["median_step_s"] > 0
     assert figures["lorad_vs_lora"]["ratio"] > 0
-    assert set(figures["stage_s"]) == {"weightlens", "vsd", "lora", "generate"}
+    assert set(figures["stage_s"]) == {"weightlens", "pipeline", "vsd no", "vsd bf16", "lora", "generate"}
