@@ -199,6 +199,10 @@ class Distiller:
         if finite:
             self.opt_s.step()
             self.sched_s.step()
+        elif self.acc.scaler is not None:
+            # fp16: the grad scaler skips an overflowing step itself, then lowers its scale; its
+            # step()/update() must run, or the next unscale_ fails ("already been called")
+            self.opt_s.step()
         for _ in range(c.fake.steps_per_student_step):
             self.opt_f.zero_grad(set_to_none=True)
             for x0, cond in zip(x0s, conds):
@@ -220,6 +224,8 @@ class Distiller:
             if f_ok:
                 self.opt_f.step()
                 self.sched_f.step()
+            elif self.acc.scaler is not None:  # as for the student: let the scaler skip and back off
+                self.opt_f.step()
         if finite and self.ema is not None:
             self.ema.update(self._student_named())
         self.step += 1
