@@ -264,6 +264,47 @@ def _busy_cpu_s() -> float:
     return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
+@dataclass
+class Sampled:
+    """What `run_sampled` saw of one subprocess: wall seconds, peaks (MiB), CPU, exit code."""
+
+    seconds: float
+    peak_anon_mib: float
+    peak_file_mib: float
+    hwm_mib: float
+    cpu_s: float
+    others_cpu: float
+    returncode: int
+
+
+def run_sampled(cmd: list[str], **popen_kwargs: Any) -> Sampled:
+    """Run `cmd`, sampling its RssAnon/RssFile every SAMPLE_S seconds (killed if interrupted)."""
+    anon = file = 0
+    busy0 = _busy_cpu_s()
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, **popen_kwargs)
+    try:
+        while True:
+            # wait4 (not Popen.poll) so that this child's own rusage (ru_maxrss = VmHWM) comes back.
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            kib = _status_kib(proc.pid)
+            anon, file = max(anon, kib.get("RssAnon", 0)), max(file, kib.get("RssFile", 0))
+            time.sleep(SAMPLE_S)
+    except BaseException:  # Ctrl-C, SIGTERM turned into SystemExit...: leave no orphan behind
+        proc.kill()
+        proc.wait()
+        raise
+    seconds = time.perf_counter() - t0
+    busy = _busy_cpu_s() - busy0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    cpu = usage.ru_utime + usage.ru_stime
+    # Contention: the share of the machine other processes used while this one ran.
+    others = max(0.0, busy - cpu) / (seconds * (os.cpu_count() or 1))
+    return Sampled(seconds, anon / 1024, file / 1024, usage.ru_maxrss / 1024, cpu, others, proc.returncode)
+
+
 def measure(label: str, mode: str, teacher: Path, student: Path, write: bool) -> Measurement:
     """Run one mode in a subprocess, sampling its memory every SAMPLE_S seconds."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
@@ -271,27 +312,12 @@ def measure(label: str, mode: str, teacher: Path, student: Path, write: bool) ->
     cmd = [sys.executable, __file__, "--mode", mode, "--teacher", str(teacher), "--student", str(student), "--result", str(result_path)]
     if write:
         cmd.append("--write")
-    anon = file = 0
-    busy0 = _busy_cpu_s()
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd)
-    while True:
-        # wait4 (not Popen.poll) so that this child's own rusage (ru_maxrss = VmHWM) comes back.
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        kib = _status_kib(proc.pid)
-        anon, file = max(anon, kib.get("RssAnon", 0)), max(file, kib.get("RssFile", 0))
-        time.sleep(SAMPLE_S)
-    seconds = time.perf_counter() - t0
-    busy = _busy_cpu_s() - busy0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    child = json.loads(result_path.read_text()) if proc.returncode == 0 else {"error": f"exit code {proc.returncode}"}
-    result_path.unlink(missing_ok=True)
-    cpu = usage.ru_utime + usage.ru_stime
-    # Contention: the share of the machine other processes used while this one ran.
-    others = max(0.0, busy - cpu) / (seconds * (os.cpu_count() or 1))
-    return Measurement(label, seconds, anon / 1024, file / 1024, usage.ru_maxrss / 1024, cpu, others, child)
+    try:
+        run = run_sampled(cmd)
+        child = json.loads(result_path.read_text()) if run.returncode == 0 else {"error": f"exit code {run.returncode}"}
+    finally:
+        result_path.unlink(missing_ok=True)
+    return Measurement(label, run.seconds, run.peak_anon_mib, run.peak_file_mib, run.hwm_mib, run.cpu_s, run.others_cpu, child)
 
 
 def warm_read(teacher: Path, student: Path, repeats: int = 3) -> float:
