@@ -14,6 +14,7 @@ plant back, and group layers into the blocks users think in, in forward order.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -302,3 +303,13 @@ def test_cli_ema_flag(ws: Workspace, tmp_path: Path) -> None:
     assert any("read the EMA copy" in a["message"] for a in summary["alerts"])
     result = runner.invoke(app, [*args[:2], str(ws.path("sd15", "student", "ldm-safetensors")), *args[2:], "--overwrite"])
     assert result.exit_code == 1 and "neither checkpoint holds EMA" in result.output
+
+
+def test_rank_figure_block_labels_do_not_overlap() -> None:
+    """SDXL-like spans: two 2-module embeddings and a 2-module down block before wide blocks."""
+    from weightlens.report.figures import _spaced_labels
+
+    spans = [("add_embedding", 0, 1), ("time_embedding", 2, 3), ("down_blocks.0", 4, 5), ("down_blocks.1", 6, 105), ("single_transformer_blocks.37", 106, 299)]
+    ticks = _spaced_labels(spans, total=300)
+    assert [label for _, label in ticks] == ["add_embedding", "down_blocks.1", "single_transformer_blocks.37"]
+    assert all(b - a >= 300 / 28 for (a, _), (b, _) in itertools.pairwise(ticks))

@@ -59,6 +59,7 @@ FIGURE_FILES = {
 }
 # Shortened inside a name only: a DiT block label `transformer_blocks.3` stays whole.
 _ABBREVIATIONS = ((".transformer_blocks.", ".tb."), (".attentions.", ".attn."), (".resnets.", ".res."))
+BLOCK_LABEL_WIDTH = 28  # a whole `single_transformer_blocks.37` (Flux) fits
 _POINTS: dict[str, Any] = {"alpha": 0.75, "edgecolors": "white", "linewidths": 0.4, "zorder": 3}
 _SLANTED: dict[str, Any] = {"rotation": 40, "ha": "right", "rotation_mode": "anchor", "fontsize": 9}
 
@@ -179,7 +180,7 @@ def change_by_block(blocks: Sequence[BlockRow], path: Path) -> Path:
     norms = [_zero_nan(b.norm_rel_mean) for b in blocks]
     ax.bar([x - bar / 2 for x in xs], dirs, bar, color=DIR_COLOUR, label="direction change", zorder=3)
     ax.bar([x + bar / 2 for x in xs], norms, bar, color=NORM_COLOUR, label="norm change", zorder=3)
-    ax.set_xticks(list(xs), [short_name(b.block, 22) for b in blocks], **_SLANTED)
+    ax.set_xticks(list(xs), [short_name(b.block, BLOCK_LABEL_WIDTH) for b in blocks], **_SLANTED)
     ax.yaxis.set_major_formatter(FuncFormatter(_pct_ticks))
     ax.set_ylabel("mean over rows", fontsize=10)
     ax.set_xlim(-0.6, len(blocks) - 0.4)
@@ -259,6 +260,21 @@ def spectra(layers: Sequence[LayerStats], curves: Sequence[SpectrumCurve], path:
     return _save(fig, path)
 
 
+def _spaced_labels(spans: Sequence[tuple[str, int, int]], total: int, slots: int = 28) -> list[tuple[float, str]]:
+    """Span centres and labels, leaving out a label that would overlap the previous one.
+
+    Slanted labels need about total/slots bars each; a U-Net's first blocks (time embedding,
+    a down block holding only its resnets' time projections) span a few bars and would
+    otherwise print on top of each other. Their colour and separator lines still show them.
+    """
+    kept: list[tuple[float, str]] = []
+    for block, start, end in spans:
+        centre = (start + end) / 2
+        if not kept or centre - kept[-1][0] >= total / slots:
+            kept.append((centre, short_name(block, BLOCK_LABEL_WIDTH)))
+    return kept
+
+
 def _block_spans(rows: Sequence[RankRow]) -> list[tuple[str, int, int]]:
     spans: list[tuple[str, int, int]] = []
     for i, r in enumerate(rows):
@@ -298,7 +314,8 @@ def rank_allocation(rows: Sequence[RankRow], headline: RankHeadline, path: Path)
         labels = [b for b, _, _ in spans]
         ax.legend(handles, labels, fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     else:
-        ax.set_xticks([(s + e) / 2 for _, s, e in spans], [short_name(b, 22) for b, _, _ in spans], **_SLANTED)
+        ticks = _spaced_labels(spans, len(rows))
+        ax.set_xticks([c for c, _ in ticks], [label for _, label in ticks], **_SLANTED)
         ax.tick_params(axis="x", length=0)
     return _save(fig, path)
 
