@@ -3,11 +3,19 @@
 Pure functions of tensors: the caller picks device and dtype. Maths in float32, reductions
 over rows and matrices accumulated in float64. Rows are output units; conv kernels are
 flattened to (out, in*kh*kw) by :func:`as_matrix`.
+
+A layer is never copied or converted whole: it is read in blocks of about
+:data:`CHUNK_ELEMENTS` elements (row blocks, or column blocks for the Gram of a wide matrix),
+each converted to float32 on its own, so memory above the two input tensors (which may be
+file-backed mmaps) is a few blocks plus the Gram matrices of the smaller side. Two passes:
+:func:`row_change` (row norms and direction changes; all that stats-only mode needs) and
+:func:`spectral_change` (Theta, the direction residual's Gram and the rotation residual).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -15,16 +23,20 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from weightlens.rotation import implied_angles, rotate_pairs
+from weightlens.rotation import implied_angles, implied_rotation_residual, rotate_pairs
 
 __all__ = [
     "RowChange",
+    "SpectralChange",
     "SpectrumStats",
     "MatrixStats",
+    "CHUNK_ELEMENTS",
     "as_matrix",
     "row_change",
+    "spectral_change",
     "rotation_explained",
     "energies",
+    "gram_energies",
     "spectrum_stats",
     "random_energy_30",
     "marchenko_pastur_energy",
@@ -33,6 +45,13 @@ __all__ = [
 
 ENERGY_TARGET = 0.9
 RANK_FRACTION = 0.3
+# Elements per block of a layer (1 MiB in float32): a block's temporaries stay in the CPU
+# cache, and even the largest layer costs a few MiB of scratch memory.
+CHUNK_ELEMENTS = 1 << 18
+# Row norms: float32 norms of row segments of about this many elements, squared and summed in
+# float64. A float32 norm over a whole row drifts by ~4e-7 relative at 23k columns (1e-5 at
+# 1M), the size of the norm changes distillation makes; the segmented sum keeps ~1e-8.
+NORM_SEGMENT = 256
 
 
 def as_matrix(weight: Tensor) -> Tensor:
@@ -40,18 +59,91 @@ def as_matrix(weight: Tensor) -> Tensor:
     return weight.reshape(weight.shape[0], -1).float()
 
 
+def _matrix_view(weight: Tensor) -> Tensor:
+    """(out, rest) view of a weight in its stored dtype (no conversion, no copy if contiguous)."""
+    return weight.reshape(weight.shape[0], -1)
+
+
+def _segment(width: int) -> int:
+    """Segment length for rows of `width`: a divisor near NORM_SEGMENT (one strided view covers
+    a block), else NORM_SEGMENT and a shorter last segment."""
+    if width <= 2 * NORM_SEGMENT:
+        return max(width, 1)
+    for n in range(NORM_SEGMENT, NORM_SEGMENT // 2 - 1, -1):
+        if width % n == 0:
+            return n
+    return NORM_SEGMENT
+
+
+def _segment_norms(x: Tensor, seg: int, out: Tensor) -> Tensor:
+    """float32 norms of each row's `seg`-long segments: x (rows, cols) -> out (rows, ceil(cols / seg))."""
+    full = x.shape[1] - x.shape[1] % seg
+    if full == x.shape[1]:
+        return torch.linalg.vector_norm(x.unflatten(1, (-1, seg)), dim=2, out=out)
+    torch.linalg.vector_norm(x[:, :full].unflatten(1, (-1, seg)), dim=2, out=out[:, :-1])
+    torch.linalg.vector_norm(x[:, full:], dim=1, out=out[:, -1])
+    return out
+
+
+def _sum_sq(segments: Tensor) -> Tensor:
+    """Row sums of squared segment norms, in float64: (rows, segments) -> (rows,)."""
+    return segments.double().square_().sum(dim=1)
+
+
+def _row_blocks(rows: int, cols: int, elements: int) -> Iterator[slice]:
+    step = max(1, elements // max(cols, 1))
+    for r in range(0, rows, step):
+        yield slice(r, min(r + step, rows))
+
+
+def _col_blocks(rows: int, cols: int, elements: int) -> Iterator[slice]:
+    step = max(2, elements // max(rows, 1) // 2 * 2)  # even: a column pair never straddles blocks
+    for c in range(0, cols, step):
+        yield slice(c, min(c + step, cols))
+
+
+class _Scratch:
+    """Reusable block buffers (one allocation per layer instead of one per block)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._buffers: dict[tuple[str, torch.dtype], Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        n = math.prod(shape)
+        buf = self._buffers.get((name, dtype))
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(n, dtype=dtype, device=self.device)
+            self._buffers[(name, dtype)] = buf
+        return buf[:n].view(shape)
+
+    def load(self, name: str, block: Tensor, dtype: torch.dtype, copy: bool = False) -> Tensor:
+        """`block` as `dtype`: itself when it already is (and no copy is asked), else converted into a buffer."""
+        if block.dtype == dtype and not copy:
+            return block
+        return self.get(name, tuple(block.shape), dtype).copy_(block)
+
+
 @dataclass(frozen=True)
 class RowChange:
-    """Per-row change of one layer, over the rows where both norms are non-zero.
+    """Per-row change of one layer.
+
+    Rows holding NaN/Inf are zeroed in both matrices first (and so excluded). The per-row
+    fields cover the rows where both norms are non-zero (``valid``).
 
     Attributes:
-        norm_rel: |m_S - m_T| / m_T per row, float64.
-        dir: ||u_S - u_T|| per row (= 2 sin(phi/2)), float64.
-        angle_deg: phi in degrees per row, float64.
-        one_minus_cos: 1 - cos(phi) per row, float64.
+        norm_rel: |m_S - m_T| / m_T per valid row, float64.
+        dir: ||u_S - u_T|| per valid row (= 2 sin(phi/2)), float64.
+        angle_deg: phi in degrees per valid row, float64.
+        one_minus_cos: 1 - cos(phi) per valid row, float64.
         valid: bool mask over all rows: True where both norms are non-zero.
-        unit_teacher: row-normalised teacher (zero rows left at zero), float32.
-        unit_student: row-normalised student, float32.
+        nonfinite: bool mask over all rows: True where teacher or student holds NaN/Inf.
+        norm_teacher: m_T of every row (0 for non-finite rows), float64.
+        norm_student: m_S of every row, float64.
+        delta_sq: ||W_S - W_T||_F^2 over all rows.
+        teacher_sq: ||W_T||_F^2 over all rows.
+        float64: some finite rows overflowed float32 squares and were redone in float64; the
+            spectral pass then runs in float64 too.
     """
 
     norm_rel: Tensor
@@ -59,49 +151,178 @@ class RowChange:
     angle_deg: Tensor
     one_minus_cos: Tensor
     valid: Tensor
-    unit_teacher: Tensor
-    unit_student: Tensor
+    nonfinite: Tensor
+    norm_teacher: Tensor
+    norm_student: Tensor
+    delta_sq: float
+    teacher_sq: float
+    float64: bool
 
     @property
     def excluded(self) -> int:
-        """Rows left out because a norm was zero."""
+        """Rows left out because a norm was zero (non-finite rows included)."""
         return int((~self.valid).sum())
 
+    @property
+    def nonfinite_rows(self) -> int:
+        """Rows that held NaN/Inf."""
+        return int(self.nonfinite.sum())
 
-def _row_norms(w: Tensor) -> Tensor:
-    return torch.linalg.vector_norm(w, dim=1, dtype=torch.float64)  # (out,)
+
+def _unit_diff_norms(tc: Tensor, sc: Tensor, seg: int, nt: Tensor, ns: Tensor, nd: Tensor, scratch: _Scratch) -> None:
+    """Segment norms of a row block of W_T, W_S and of m_T (u_T - u_S), into nt, ns, nd."""
+    _segment_norms(tc, seg, nt)
+    _segment_norms(sc, seg, ns)
+    mt, ms = torch.linalg.vector_norm(nt, dim=1), torch.linalg.vector_norm(ns, dim=1)
+    # m_T / m_S in the block's dtype: its rounding adds to dir in quadrature (~1e-7), harmless.
+    # 0 where m_S = 0 (inf or NaN before), so such a row's difference is W_T itself.
+    ratio = torch.div(mt, ms).nan_to_num_(0.0, 0.0, 0.0).unsqueeze_(1)
+    diff = torch.addcmul(tc, sc, ratio, value=-1.0, out=scratch.get("d", tuple(tc.shape), tc.dtype))  # (rows, cols)
+    _segment_norms(diff, seg, nd)
 
 
-def row_change(teacher: Tensor, student: Tensor) -> RowChange:
-    """Norm and direction change of every row.
+def _redo_rows(wt: Tensor, ws: Tensor, rows: Tensor, seg: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Float64 redo of `rows` (NaN/Inf or float32 overflow): squared norms of W_T, W_S, m_T (u_T - u_S), non-finite mask."""
+    tc, sc = wt[rows].double(), ws[rows].double()
+    bad = ~(torch.isfinite(tc).all(dim=1) & torch.isfinite(sc).all(dim=1))
+    tc.masked_fill_(bad.unsqueeze(1), 0.0)  # rows holding NaN/Inf drop out as zero rows
+    sc.masked_fill_(bad.unsqueeze(1), 0.0)
+    nseg = -(-wt.shape[1] // seg)
+    nt, ns, nd = (torch.empty(len(rows), nseg, dtype=torch.float64, device=wt.device) for _ in range(3))
+    _unit_diff_norms(tc, sc, seg, nt, ns, nd, _Scratch(wt.device))
+    return _sum_sq(nt), _sum_sq(ns), _sum_sq(nd), bad
 
-    ``dir`` is computed from the difference of unit vectors, not from the cosine: for the
-    tiny angles distillation produces, 1 - cos loses all precision in float32.
+
+def row_change(teacher: Tensor, student: Tensor, chunk_elements: int = CHUNK_ELEMENTS) -> RowChange:
+    """Norm and direction change of every row, block by block (one pass over the data).
+
+    ``dir`` is the norm of m_T (u_T - u_S) = W_T - W_S (m_T / m_S), computed elementwise in
+    float32 and divided by m_T, not derived from the cosine: for the tiny angles distillation
+    produces, 1 - cos loses all precision in float32. Norms are float64 sums of float32 norms
+    of row segments (NORM_SEGMENT). Rows holding NaN/Inf, or whose float32 squares overflow,
+    are redone in float64 (the former zeroed, so excluded).
+
+    Args:
+        teacher: weight with ndim >= 2, any float dtype (converted block by block).
+        student: same shape.
+        chunk_elements: elements per block (at least one row).
     """
-    wt, ws = as_matrix(teacher), as_matrix(student)
-    mt, ms = _row_norms(wt), _row_norms(ws)
+    wt, ws = _matrix_view(teacher), _matrix_view(student)
+    out, width = wt.shape
+    seg = _segment(width)
+    # Segment norms of W_T, W_S and m_T (u_T - u_S): (out, segments) float32, ~1/256 of the layer.
+    nt, ns, nd = (torch.empty(out, -(-width // seg), device=wt.device) for _ in range(3))
+    scratch = _Scratch(wt.device)
+    for rows in _row_blocks(out, width, chunk_elements):
+        tc = scratch.load("t", wt[rows], torch.float32)
+        sc = scratch.load("s", ws[rows], torch.float32)
+        _unit_diff_norms(tc, sc, seg, nt[rows], ns[rows], nd[rows], scratch)
+    mt2, ms2, diff2 = _sum_sq(nt), _sum_sq(ns), _sum_sq(nd)
+    bad = torch.zeros(out, dtype=torch.bool, device=wt.device)
+    redo = (~(mt2.isfinite() & ms2.isfinite() & diff2.isfinite())).nonzero().squeeze(1)
+    if len(redo):
+        mt2[redo], ms2[redo], diff2[redo], bad[redo] = _redo_rows(wt, ws, redo, seg)
+    ok = (mt2 > 0) & (ms2 > 0)
+    dir2 = torch.where(ok, diff2 / torch.where(ok, mt2, 1.0), 0.0)  # ||u_S - u_T||^2
+    mt, ms = mt2.sqrt(), ms2.sqrt()
     valid = (mt > 0) & (ms > 0)
-    safe_t = torch.where(valid, mt, torch.ones_like(mt)).float().unsqueeze(1)
-    safe_s = torch.where(valid, ms, torch.ones_like(ms)).float().unsqueeze(1)
-    keep = valid.unsqueeze(1)
-    ut = torch.where(keep, wt / safe_t, torch.zeros_like(wt))  # (out, in)
-    us = torch.where(keep, ws / safe_s, torch.zeros_like(ws))
-    direction = torch.linalg.vector_norm(us - ut, dim=1, dtype=torch.float64)[valid]
+    # ||w_S - w_T||^2 = (m_S - m_T)^2 + m_S m_T ||u_S - u_T||^2 (exact; a row with a zero norm
+    # has only the first term), so the change needs no pass of its own.
+    delta_sq = float(((ms - mt).square() + ms * mt * dir2).sum())
+    direction = dir2[valid].sqrt()
     angle = 2.0 * torch.arcsin(torch.clamp(direction / 2.0, max=1.0))
     return RowChange(
         norm_rel=((ms - mt).abs() / mt)[valid],
         dir=direction,
         angle_deg=torch.rad2deg(angle),
-        one_minus_cos=direction.square() / 2.0,
+        one_minus_cos=dir2[valid] / 2.0,
         valid=valid,
-        unit_teacher=ut,
-        unit_student=us,
+        nonfinite=bad,
+        norm_teacher=mt,
+        norm_student=ms,
+        delta_sq=delta_sq,
+        teacher_sq=float(mt2.sum()),
+        float64=bool((~bad[redo]).any()),
     )
+
+
+@dataclass(frozen=True)
+class SpectralChange:
+    """Gram matrices of Theta and of the direction residual, and the rotation residual.
+
+    Each Gram is of the smaller side's size where the layer shape allows it: a tall layer
+    (out > in) accumulates M^T M over row blocks, any other accumulates M M^T (out x out)
+    over column blocks, so neither Theta nor the residual is ever held whole.
+
+    Attributes:
+        theta_gram: Gram of Theta (out, in // 2), or None without column pairs.
+        resid_gram: Gram of D = U_S - U_T (out, in), row-normalised, zero rows left at zero.
+        rotation_residual: ||W_S - R_Theta(W_T)||_F^2.
+        by_rows: True for M^T M (accumulated over row blocks), False for M M^T.
+    """
+
+    theta_gram: Tensor | None
+    resid_gram: Tensor
+    rotation_residual: float
+    by_rows: bool
+
+
+def spectral_change(teacher: Tensor, student: Tensor, rows: RowChange, chunk_elements: int = CHUNK_ELEMENTS) -> SpectralChange:
+    """Theta, the direction residual and the rotation residual, accumulated block by block.
+
+    Args:
+        teacher: weight with ndim >= 2 (any float dtype).
+        student: same shape.
+        rows: :func:`row_change` of the same pair (row norms, non-finite rows).
+        chunk_elements: elements per block.
+    """
+    wt, ws = _matrix_view(teacher), _matrix_view(student)
+    out, width = wt.shape
+    pairs = width // 2
+    dtype = torch.float64 if rows.float64 else torch.float32
+    by_rows = out > width
+    valid = rows.valid
+    # D = U_S - U_T = -(W_T - W_S m_T / m_S) / m_T per row: as in row_change, exactly 0 for an
+    # unchanged row (the ratio is then exactly 1); 0 for rows with a zero norm.
+    neg_inv_t = torch.where(valid, -1.0 / torch.where(valid, rows.norm_teacher, 1.0), 0.0).to(dtype).unsqueeze(1)
+    ratio = torch.where(valid, rows.norm_teacher / torch.where(valid, rows.norm_student, 1.0), 0.0).to(dtype).unsqueeze(1)
+    bad = rows.nonfinite if rows.nonfinite_rows else None
+    copy = not by_rows or bad is not None
+    side_d, side_theta = (width, pairs) if by_rows else (out, out)
+    resid_gram = torch.zeros(side_d, side_d, dtype=dtype, device=wt.device)
+    theta_gram = torch.zeros(side_theta, side_theta, dtype=dtype, device=wt.device) if pairs else None
+    residual = torch.zeros((), dtype=torch.float64, device=wt.device)
+    scratch = _Scratch(wt.device)
+    blocks = _row_blocks(out, width, chunk_elements) if by_rows else _col_blocks(out, width, chunk_elements)
+    for blk in blocks:
+        r, c = (blk, slice(None)) if by_rows else (slice(None), blk)
+        # A contiguous float block (a view where that already holds: float32 row blocks).
+        tc = scratch.load("t", wt[r, c], dtype, copy=copy)
+        sc = scratch.load("s", ws[r, c], dtype, copy=copy)
+        if bad is not None:  # rows holding NaN/Inf are zero, as in row_change
+            tc.masked_fill_(bad[r].unsqueeze(1), 0.0)
+            sc.masked_fill_(bad[r].unsqueeze(1), 0.0)
+        d = torch.addcmul(tc, sc, ratio[r], value=-1.0, out=scratch.get("d", tuple(tc.shape), dtype)).mul_(neg_inv_t[r])  # (rows, cols) of D
+        _gram_add(resid_gram, d, by_rows)
+        if theta_gram is not None and tc.shape[1] >= 2:
+            _gram_add(theta_gram, implied_angles(tc, sc), by_rows)
+        residual += implied_rotation_residual(tc, sc)
+    return SpectralChange(theta_gram, resid_gram, float(residual), by_rows)
+
+
+def _gram_add(gram: Tensor, block: Tensor, by_rows: bool) -> None:
+    """gram += block^T block (a row block) or block block^T (a column block)."""
+    if by_rows:
+        gram.addmm_(block.T, block)
+    else:
+        gram.addmm_(block, block.T)
 
 
 def rotation_explained(teacher: Tensor, student: Tensor, theta: Tensor) -> float:
     """Share of ||W_S - W_T||_F^2 that rotating teacher pairs by ``theta`` explains.
 
+    The reference definition for any ``theta`` (it holds rotated copies of the layer);
+    :func:`matrix_stats` uses the closed form for the implied angles instead.
     Returns NaN for an unchanged layer (the share is undefined).
     """
     wt, ws = as_matrix(teacher), as_matrix(student)
@@ -112,6 +333,12 @@ def rotation_explained(teacher: Tensor, student: Tensor, theta: Tensor) -> float
     return float(1.0 - resid / change)
 
 
+def gram_energies(gram: Tensor, keep: int) -> Tensor:
+    """The top ``keep`` eigenvalues of a Gram matrix (squared singular values), descending, float64."""
+    values = torch.linalg.eigvalsh(gram).double().clamp_min(0.0)
+    return torch.flip(values, dims=(0,))[:keep]
+
+
 def energies(matrix: Tensor) -> Tensor:
     """Squared singular values of ``matrix``, descending, float64 (on the input's device).
 
@@ -120,8 +347,7 @@ def energies(matrix: Tensor) -> Tensor:
     """
     m = matrix.float()
     gram = m.T @ m if m.shape[0] >= m.shape[1] else m @ m.T
-    values = torch.linalg.eigvalsh(gram).double().clamp_min(0.0)
-    return torch.flip(values, dims=(0,))
+    return gram_energies(gram, min(m.shape))
 
 
 @dataclass(frozen=True)
@@ -212,47 +438,44 @@ def _mean_std(x: Tensor) -> tuple[float, float]:
     return float(x.mean()), float(x.std(unbiased=False))
 
 
-def matrix_stats(teacher: Tensor, student: Tensor, spectra: bool = True) -> MatrixStats:
+def matrix_stats(teacher: Tensor, student: Tensor, spectra: bool = True, chunk_elements: int = CHUNK_ELEMENTS) -> MatrixStats:
     """All per-layer statistics of one aligned pair.
 
     Args:
-        teacher: weight with ndim >= 2 (any float dtype, any device).
+        teacher: weight with ndim >= 2 (any float dtype, any device; a file-backed mmap is
+            fine: it is read block by block, never converted or copied whole).
         student: same shape.
-        spectra: False computes the row statistics and rel_delta only (stats-only mode).
+        spectra: False computes the row statistics and rel_delta only (stats-only mode: one
+            pass over the data, no Theta, Gram matrices or eigensolves).
+        chunk_elements: elements per block (see :data:`CHUNK_ELEMENTS`).
     """
-    wt, ws = as_matrix(teacher), as_matrix(student)
-    # Rows holding NaN/Inf are zeroed in both so that they drop out as excluded rows.
-    bad = ~(torch.isfinite(wt).all(dim=1) & torch.isfinite(ws).all(dim=1))
-    nonfinite_rows = int(bad.sum())
-    if nonfinite_rows:
-        wt = wt.masked_fill(bad.unsqueeze(1), 0.0)
-        ws = ws.masked_fill(bad.unsqueeze(1), 0.0)
-    rc = row_change(wt, ws)
+    if teacher.shape != student.shape:
+        raise ValueError(f"teacher {tuple(teacher.shape)} and student {tuple(student.shape)} differ in shape")
+    rc = row_change(teacher, student, chunk_elements)
+    out = teacher.shape[0]
+    width = teacher.numel() // out if out else 0
+    pairs = width // 2
     nr_mean, nr_std = _mean_std(rc.norm_rel)
     d_mean, d_std = _mean_std(rc.dir)
-    norm_t = torch.linalg.vector_norm(wt, dtype=torch.float64)
-    delta = torch.linalg.vector_norm(ws - wt, dtype=torch.float64)
-    rel_delta = float(delta / norm_t) if norm_t > 0 else math.nan
-    out, width = wt.shape
-    pairs = width // 2
+    rel_delta = math.sqrt(rc.delta_sq / rc.teacher_sq) if rc.teacher_sq > 0 else math.nan
     nan_spec = SpectrumStats(0, math.nan)
     theta_spec = resid_spec = nan_spec
     theta_e = resid_e = np.zeros(0)
     rot = theta_rand = resid_rand = math.nan
     if spectra:
-        if pairs > 0:
-            theta = implied_angles(wt, ws)
-            rot = rotation_explained(wt, ws, theta)
-            theta_e = energies(theta).cpu().numpy()
+        sp = spectral_change(teacher, student, rc, chunk_elements)
+        if sp.theta_gram is not None:
+            rot = 1.0 - sp.rotation_residual / rc.delta_sq if rc.delta_sq > 0 else math.nan
+            theta_e = gram_energies(sp.theta_gram, min(out, pairs)).cpu().numpy()
             theta_spec = spectrum_stats(theta_e, (out, pairs))
             theta_rand = random_energy_30(out, pairs)
-        resid_e = energies(rc.unit_student - rc.unit_teacher).cpu().numpy()
+        resid_e = gram_energies(sp.resid_gram, min(out, width)).cpu().numpy()
         resid_spec = spectrum_stats(resid_e, (out, width))
         resid_rand = random_energy_30(out, width)
     return MatrixStats(
         rows=out,
         rows_excluded=rc.excluded,
-        nonfinite_rows=nonfinite_rows,
+        nonfinite_rows=rc.nonfinite_rows,
         norm_rel_mean=nr_mean,
         norm_rel_std=nr_std,
         dir_mean=d_mean,
