@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import pickle
 import struct
+import sys
 import warnings
+import weakref
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +96,11 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     Raises:
         CheckpointError: on every malformation, naming the file and the problem.
     """
+    return _parse_safetensors(path)[0]
+
+
+def _parse_safetensors(path: Path) -> tuple[dict[str, TensorInfo], dict[str, tuple[int, int]]]:
+    """Validated infos and each tensor's [begin, end) byte span in the file."""
     size = path.stat().st_size
     if size < 8:
         raise CheckpointError(f"{path}: {size}-byte file is too short to be safetensors (empty or truncated); re-download it")
@@ -109,7 +117,9 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         raise CheckpointError(f"{path}: header is not valid JSON ({exc.__class__.__name__}); not a safetensors file") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header is not a JSON object; not a safetensors file")
-    return _validate_entries(path, header, data_len=size - 8 - n)
+    infos = _validate_entries(path, header, data_len=size - 8 - n)
+    spans = {k: (8 + n + header[k]["data_offsets"][0], 8 + n + header[k]["data_offsets"][1]) for k in infos}
+    return infos, spans
 
 
 def _validate_entries(path: Path, header: dict[str, Any], data_len: int) -> dict[str, TensorInfo]:
@@ -140,7 +150,15 @@ def _validate_entries(path: Path, header: dict[str, Any], data_len: int) -> dict
 
 @dataclass
 class SafetensorsReader:
-    """One `.safetensors` file, validated, read lazily with `safe_open`."""
+    """One `.safetensors` file, validated, read lazily.
+
+    `get` maps just the tensor's bytes (a private, copy-on-write mmap) and wraps them in a
+    tensor without copying: its pages are file-backed (page cache), not anonymous memory, and
+    the mapping goes away with the tensor. So reading a layer costs no RAM of its own,
+    whatever the safetensors version. Tensors whose bytes are not aligned to their item size
+    (possible after odd-sized int8/bool tensors), or on a big-endian host, come from
+    `safe_open` instead.
+    """
 
     path: Path
     format: str = "safetensors"
@@ -148,20 +166,42 @@ class SafetensorsReader:
     infos: dict[str, TensorInfo] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.infos = read_safetensors_header(self.path)
+        self.infos, self._spans = _parse_safetensors(self.path)
         try:
             self._handle = safe_open(str(self.path), framework="pt", device="cpu")
         except Exception as exc:  # safetensors raises its own SafetensorError
             raise CheckpointError(f"{self.path}: safetensors refused the file ({exc}); re-download it") from None
+        self._fd = os.open(self.path, os.O_RDONLY)
+        self._close_fd = weakref.finalize(self, os.close, self._fd)  # also when never closed
 
     def get(self, key: str) -> Tensor:
         try:
-            return self._handle.get_tensor(key)
+            mapped = self._mapped(key)
+            return mapped if mapped is not None else self._handle.get_tensor(key)
+        except CheckpointError:
+            raise
         except Exception as exc:
             raise CheckpointError(f"{self.path}: could not read tensor {key!r} ({exc})") from None
 
+    def _mapped(self, key: str) -> Tensor | None:
+        """The tensor as a zero-copy view of a mapping of its bytes, or None where that is not possible."""
+        info, (begin, end) = self.infos[key], self._spans[key]
+        dtype = getattr(torch, info.dtype, None)
+        if not self._close_fd.alive or dtype is None or sys.byteorder != "little" or end == begin:
+            return None
+        if begin % dtype.itemsize:
+            return None
+        start = begin - begin % mmap.ALLOCATIONGRANULARITY
+        try:
+            region = mmap.mmap(self._fd, end - start, offset=start, access=mmap.ACCESS_COPY)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{self.path}: could not map tensor {key!r} ({exc}); the file may have changed since it was opened") from None
+        # frombuffer keeps `region` alive as long as the tensor (or a view of it) lives.
+        return torch.frombuffer(region, dtype=dtype, count=info.numel, offset=begin - start).view(info.shape)
+
     def close(self) -> None:
         self._handle = None
+        self._close_fd()  # tensors already handed out keep their own mappings
 
 
 @dataclass
