@@ -71,7 +71,7 @@ def compare(
     component: Annotated[Optional[str], typer.Option(help="Pipeline component folder: unet, transformer...")] = None,
     ema: Annotated[bool, typer.Option(help="Read the EMA copy of the U-Net (model_ema.*) from original LDM .ckpt files that hold one")] = False,
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N")] = "cpu",
-    workers: Annotated[int, typer.Option(help="Layers read ahead while one is computed (each holds a teacher+student pair in memory)")] = 1,
+    workers: Annotated[int, typer.Option(help="Layers computed at once, in threads (0: one per CPU core, at most 4)")] = 0,
     stats_only: Annotated[bool, typer.Option(help="Norm/direction statistics only (no Theta, spectra or ranks)")] = False,
     no_report: Annotated[bool, typer.Option(help="Skip report.html and figures")] = False,
     no_timestamp: Annotated[bool, typer.Option(help="Leave wall-clock times out (reproducible files)")] = False,

@@ -1,23 +1,26 @@
 """Compare a teacher and a student checkpoint layer by layer (the `compare` command).
 
-Data flows one way: open both checkpoints lazily -> align keys -> stream one aligned pair
-at a time (a small prefetch pool reads the next pairs while the current one is computed)
--> per-layer statistics -> fit ranks -> a typed :class:`~weightlens.results.Analysis`.
-Peak memory is a few layers, whatever the model size.
+Data flows one way: open both checkpoints lazily -> align keys -> stream aligned pairs
+(`workers` of them computed at once, in threads) -> per-layer statistics -> fit ranks -> a
+typed :class:`~weightlens.results.Analysis`. Tensors are file-backed mmaps read block by
+block, so memory is a few MiB per worker plus the largest Gram matrices, whatever the
+model size.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import math
 import os
 import platform
-import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from pathlib import Path
+from itertools import islice
 from typing import Any
 
 import torch
@@ -29,13 +32,15 @@ from weightlens.errors import OptionError
 from weightlens.io import CheckpointReader, open_checkpoint
 from weightlens.ranks import RankOptions, fit_ranks, module_name, parse_budget
 from weightlens.results import Alert, Analysis, LayerStats, LayerTable, Summary, VectorStats
-from weightlens.stats import matrix_stats
+from weightlens.stats import CHUNK_ELEMENTS, MatrixStats, matrix_stats
 
 __all__ = ["CompareOptions", "compare", "ProgressCallback"]
 
 log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int, str], None]
+GPU_CHUNK_ELEMENTS = 1 << 24  # a GPU wants bigger blocks (fewer kernel launches) and has the memory
+MAX_AUTO_WORKERS = 4  # each worker holds its own Gram matrices: bounded even on a many-core host
 
 
 @dataclass(frozen=True)
@@ -49,7 +54,9 @@ class CompareOptions:
         min_rank / max_rank / multiple_of / include_conv: rank fitting bounds.
         component: pipeline component folder (`unet`, `transformer`), auto when None.
         device: where the maths runs (`cpu`, `cuda`, `cuda:1`).
-        workers: layers read ahead (in threads) while one is computed; memory grows with it.
+        workers: layers computed at once, in threads (0: one per CPU core, at most
+            MAX_AUTO_WORKERS). Each holds a few MiB of blocks and its Gram matrices; on the CPU,
+            torch's intra-op threads are shared out among them.
         stats_only: skip Theta/spectra (norm and direction statistics only).
         timestamps: put wall-clock times in provenance (off for golden tests).
         command: the command line, for provenance.
@@ -64,7 +71,7 @@ class CompareOptions:
     include_conv: bool = False
     component: str | None = None
     device: str = "cpu"
-    workers: int = 1
+    workers: int = 0
     stats_only: bool = False
     timestamps: bool = True
     command: tuple[str, ...] = field(default_factory=tuple)
@@ -80,26 +87,61 @@ def _device(name: str) -> torch.device:
     return dev
 
 
-def _stream(pairs: list[AlignedKey], teacher: CheckpointReader, student: CheckpointReader, workers: int) -> Iterator[tuple[AlignedKey, Tensor, Tensor]]:
-    """Yield (pair, teacher tensor, student tensor), reading ahead with a thread pool."""
-    def load(pair: AlignedKey) -> tuple[Tensor, Tensor]:
-        return teacher.get(pair.teacher_key), student.get(pair.student_key)
+def _results(pairs: list[AlignedKey], teacher: CheckpointReader, student: CheckpointReader, device: torch.device, options: CompareOptions) -> Iterator[tuple[AlignedKey, VectorStats | tuple[LayerStats, MatrixStats]]]:
+    """Statistics of every pair, in order; `options.workers` pairs computed at once in threads.
 
-    depth = max(workers, 1)  # pairs read ahead: each costs a teacher+student layer of memory
-    with ThreadPoolExecutor(max_workers=max(workers, 1), thread_name_prefix="weightlens-read") as pool:
-        pending: list[tuple[AlignedKey, Future[tuple[Tensor, Tensor]]]] = []
+    Readers hand out file-backed (mmap) tensors and the statistics read them block by block,
+    so a pair in flight costs its scratch blocks and Gram matrices, not a copy of the layer.
+    At most `workers` pairs are in flight (none read further ahead).
+    """
+    chunk = CHUNK_ELEMENTS if device.type == "cpu" else GPU_CHUNK_ELEMENTS
+
+    def work(pair: AlignedKey) -> VectorStats | tuple[LayerStats, MatrixStats]:
+        t = teacher.get(pair.teacher_key).to(device)
+        s = student.get(pair.student_key).to(device)
+        if pair.kind == "vector":
+            return _vector_stats(pair, t, s)
+        return _layer_stats(pair, t, s, options.stats_only, chunk)
+
+    workers = options.workers if options.workers > 0 else min(os.cpu_count() or 1, MAX_AUTO_WORKERS)
+    if workers == 1:
+        for pair in pairs:
+            yield pair, work(pair)
+        return
+    with _intra_op_threads(max(1, torch.get_num_threads() // workers) if device.type == "cpu" else None), \
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="weightlens") as pool:
         it = iter(pairs)
-        for pair in it:
-            pending.append((pair, pool.submit(load, pair)))
-            if len(pending) >= depth:
-                break
-        while pending:
-            pair, fut = pending.pop(0)
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append((nxt, pool.submit(load, nxt)))
-            t, s = fut.result()
-            yield pair, t, s
+        pending = deque((pair, pool.submit(work, pair)) for pair in islice(it, workers))
+        try:
+            while pending:
+                pair, fut = pending.popleft()
+                result = fut.result()
+                nxt = next(it, None)
+                if nxt is not None:
+                    pending.append((nxt, pool.submit(work, nxt)))
+                yield pair, result
+        finally:
+            for _, fut in pending:
+                fut.cancel()
+
+
+@contextmanager
+def _intra_op_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to `n` for the block (None: unchanged).
+
+    Several layers computed at once, each single-threaded, beat one layer on all cores: a
+    block of a layer is ~1 MiB of work, too small to split across cores without the threads
+    waiting on each other (badly so on a busy machine).
+    """
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _vector_stats(pair: AlignedKey, t: Tensor, s: Tensor) -> VectorStats:
@@ -116,8 +158,8 @@ def _vector_stats(pair: AlignedKey, t: Tensor, s: Tensor) -> VectorStats:
     )
 
 
-def _layer_stats(pair: AlignedKey, t: Tensor, s: Tensor, stats_only: bool) -> tuple[LayerStats, Any]:
-    m = matrix_stats(t, s, spectra=not stats_only)
+def _layer_stats(pair: AlignedKey, t: Tensor, s: Tensor, stats_only: bool, chunk_elements: int) -> tuple[LayerStats, MatrixStats]:
+    m = matrix_stats(t, s, spectra=not stats_only, chunk_elements=chunk_elements)
     block = block_of(pair.name)
     params = t.numel()
     row = LayerStats(
@@ -145,7 +187,6 @@ def _file_info(reader: CheckpointReader) -> dict[str, Any]:
 
 
 def _provenance(teacher: CheckpointReader, student: CheckpointReader, options: CompareOptions, seconds: float) -> dict[str, Any]:
-    import diffusers
     import numpy
 
     from weightlens import __version__
@@ -153,7 +194,7 @@ def _provenance(teacher: CheckpointReader, student: CheckpointReader, options: C
     prov: dict[str, Any] = {
         "tool": "weightlens",
         "version": __version__,
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__, "numpy": numpy.__version__},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "diffusers": _package_version("diffusers"), "numpy": numpy.__version__},
         "teacher": _file_info(teacher),
         "student": _file_info(student),
         "command": list(options.command) or None,
@@ -164,6 +205,14 @@ def _provenance(teacher: CheckpointReader, student: CheckpointReader, options: C
         prov["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         prov["seconds"] = round(seconds, 2)
     return prov
+
+
+def _package_version(name: str) -> str | None:
+    """An installed package's version from its metadata: `import diffusers` would cost seconds."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _alignment_alerts(al: Alignment) -> list[Alert]:
@@ -218,6 +267,8 @@ def compare(teacher: str | os.PathLike[str], student: str | os.PathLike[str], op
     """
     start = time.perf_counter()
     device = _device(options.device)
+    if options.workers < 0:
+        raise OptionError(f"--workers {options.workers}: expected 0 (one per CPU core) or a positive count")
     t_reader = open_checkpoint(teacher, options.component)
     s_reader = open_checkpoint(student, options.component)
     try:
@@ -253,17 +304,15 @@ def _analyse(alignment: Alignment, t_reader: CheckpointReader, s_reader: Checkpo
     vectors: list[VectorStats] = []
     theta_spec: dict[str, Any] = {}
     resid_spec: dict[str, Any] = {}
-    for done, (pair, t, s) in enumerate(_stream(pairs, t_reader, s_reader, options.workers), 1):
-        t, s = t.to(device), s.to(device)
-        if pair.kind == "vector":
-            vectors.append(_vector_stats(pair, t, s))
+    for done, (pair, result) in enumerate(_results(pairs, t_reader, s_reader, device, options), 1):
+        if isinstance(result, VectorStats):
+            vectors.append(result)
         else:
-            row, m = _layer_stats(pair, t, s, options.stats_only)
+            row, m = result
             rows.append(replace(row, depth=order[row.block]))
             if not options.stats_only:
                 theta_spec[pair.name] = m.theta_energy
                 resid_spec[pair.name] = m.resid_energy
-        del t, s
         if progress is not None:
             progress(done, len(pairs), pair.name)
     rows.sort(key=lambda r: (r.depth, r.name))
