@@ -112,7 +112,7 @@ def _class_sampler(folder: Path, device: str, dtype: str | None, resolution: int
 
 
 def _text_sampler(folder: Path, device: str, dtype: str | None, resolution: int | None, seed: int) -> OneStepSampler:
-    from wadi_train.generate import PROMPT_ENCODERS, load_export_pipeline
+    from wadi_train.generate import PROMPT_ENCODERS, load_export_pipeline, one_step_images
 
     pipe, info = load_export_pipeline(folder, device, dtype)
     family = info["family"]
@@ -124,14 +124,10 @@ def _text_sampler(folder: Path, device: str, dtype: str | None, resolution: int 
         raise EvaluationError(f"--resolution {size}: must be a multiple of {factor} for this model (the VAE's downsampling); try {max(factor, round(size / factor) * factor)}")
     latent = size // int(pipe.vae_scale_factor)
     encode = PROMPT_ENCODERS[type(pipe).__name__]
-    alphas = torch.tensor(info["alphas_cumprod"], dtype=torch.float32, device=pipe.device)
-    vae, dt = pipe.vae, denoiser.dtype
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    dt = denoiser.dtype
 
     def x0(noise: Tensor, cond: Cond) -> Tensor:
-        z = one_step_x0(lambda x, t: denoise(denoiser, family, x.to(dt), t, cond), noise.to(pipe.device), alphas, info["prediction_type"], info.get("generator_timestep"))
-        latents = z / vae.config.scaling_factor + shift  # undo the VAE's latent scaling
-        return vae.decode(latents.to(vae.dtype)).sample.float()
+        return one_step_images(pipe, info, noise, cond)
 
     return OneStepSampler(
         conditioning="text", resolution=size, describe={"family": family, "conditioning": "text", "pipeline": type(pipe).__name__, "dtype": str(dt).removeprefix("torch.")},
