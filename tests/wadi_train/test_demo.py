@@ -19,7 +19,7 @@ def test_quick_demo_writes_every_artefact(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     doc = json.loads((out / "results.json").read_text())
     names = {r["name"] for r in doc["results"]}
-    assert set(METHODS) <= names and {"teacher_ddim1", "teacher_ddim4", "teacher_ddim10"} <= names
+    assert set(METHODS) <= names and {"student_init", "teacher_ddim1", "teacher_ddim4", "teacher_ddim10"} <= names
     for r in doc["results"]:
         assert math.isfinite(r["fid"]) and r["fid"] >= 0, r
         assert 0.0 <= r["accuracy"] <= 1.0 and r["ms_per_image"] > 0, r

@@ -172,6 +172,12 @@ def run_digits_demo(out: Path, cache: Path, s: DemoSettings, retrain: bool = Fal
 
     teacher.load_state_dict(load_file(teacher_w))
     teacher.eval()
+    # Where every student starts: the teacher's one-step x0 without guidance, same noise.
+    stage("evaluate", 0, 1, "students at init")
+    x, ms = _one_step_samples(teacher, alphas, s.eval_samples, s.seed + 1, shape)
+    m = evaluate_samples(clf, x, _labels(len(x)), ref)
+    results.append(ModelResult("student_init", "teacher", 1, m.fid, m.accuracy, ms))
+    grids["student_init"] = str(save_grid(x[:100], out / "grids" / "student_init.png", nrow=10).relative_to(out))
     for steps in s.teacher_steps:
         stage("evaluate", 0, 1, f"teacher {steps} steps")
         x, ms = _teacher_samples(teacher, dict(sched.config), s.eval_samples, steps, s, shape)
