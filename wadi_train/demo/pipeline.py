@@ -65,12 +65,13 @@ def _run_config(out: Path, teacher_w: Path, s: DemoSettings, name: str, adapter:
     }
 
 
-def _distil(cfg: dict[str, Any], stage: Stage, label: str) -> tuple[Path, float]:
-    """Train (or reuse a finished run) and export; returns (export folder, seconds)."""
+def _distil(cfg: dict[str, Any], stage: Stage, label: str, reused: list[str]) -> tuple[Path, float]:
+    """Train (or reuse a finished run, noted in `reused`) and export; returns (export folder, training seconds)."""
     config = from_dict(cfg)
     run = Path(config.output_dir)
     done_file = run / "done.json"
     if done_file.is_file() and json.loads(done_file.read_text()).get("config") == cfg:
+        reused.append(label)
         return run / "export", float(json.loads(done_file.read_text())["seconds"])
     if run.exists():
         import shutil
@@ -122,6 +123,7 @@ def run_digits_demo(out: Path, cache: Path, s: DemoSettings, retrain: bool = Fal
     from weightlens.output import write_analysis
 
     stage = stage or (lambda *a: None)
+    reused: list[str] = []  # runs trained by an earlier invocation with the same config
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     split = load_digits_split(size=s.teacher.size, seed=s.seed)
@@ -135,7 +137,7 @@ def run_digits_demo(out: Path, cache: Path, s: DemoSettings, retrain: bool = Fal
     alphas = sched.alphas_cumprod.float()
 
     # 3. reference student and its weightlens analysis -> fitted ranks under the budget
-    ref_export, _ = _distil(_run_config(out, teacher_w, s, "reference-full", {"method": "full"}, s.reference_steps, s.full_lr), stage, "reference")
+    ref_export, _ = _distil(_run_config(out, teacher_w, s, "reference-full", {"method": "full"}, s.reference_steps, s.full_lr), stage, "reference", reused)
     analysis_dir = out / "weightlens" / "reference-full"
     analysis = weightlens.compare(teacher_w, ref_export / "model", weightlens.CompareOptions(budget=s.budget, timestamps=False))
     write_analysis(analysis, analysis_dir, overwrite=True, timestamp=False)
@@ -155,7 +157,7 @@ def run_digits_demo(out: Path, cache: Path, s: DemoSettings, retrain: bool = Fal
     (out / "grids").mkdir(exist_ok=True)
     for name in s.methods:
         adapter, lr = adapters[name]
-        export, seconds = _distil(_run_config(out, teacher_w, s, name, adapter, s.student_steps, lr), stage, name)
+        export, seconds = _distil(_run_config(out, teacher_w, s, name, adapter, s.student_steps, lr), stage, name, reused)
         stage("evaluate", 0, 1, name)
         model = _load_student(export)
         x, ms = _one_step_samples(model, alphas, s.eval_samples, s.seed + 1, shape)
@@ -189,7 +191,7 @@ def run_digits_demo(out: Path, cache: Path, s: DemoSettings, retrain: bool = Fal
         "settings": _jsonable(asdict(s)), "teacher": tinfo, "budget_params": budget,
         "backbone_params": analysis.backbone_params, "uniform_ranks": uniform,
         "reference_analysis": {"dir_to_norm_ratio": analysis.summary.dir_to_norm_ratio, "norm_rel_mean": analysis.summary.norm_rel_mean, "dir_mean": analysis.summary.dir_mean},
-        "results": [asdict(r) for r in results], "grids": grids, "seconds": round(time.perf_counter() - start, 1),
+        "results": [asdict(r) for r in results], "grids": grids, "seconds": round(time.perf_counter() - start, 1), "reused_runs": reused,
     }
     (out / "results.json").write_text(json.dumps(_jsonable(doc), indent=2))
     from wadi_train.demo.report import write_demo_report
