@@ -38,7 +38,7 @@ def rotate_pairs(weight: Tensor, theta: Tensor) -> Tensor:
     return rotated
 
 
-def implied_angles(teacher: Tensor, student: Tensor) -> Tensor:
+def implied_angles(teacher: Tensor, student: Tensor, *, out: Tensor | None = None, work: Tensor | None = None) -> Tensor:
     """Angles Theta that rotate each teacher column pair onto the student's direction.
 
     Theta[i, j] = atan2(a0*b1 - a1*b0, a0*b0 + a1*b1) with a, b the teacher and student pairs.
@@ -46,6 +46,9 @@ def implied_angles(teacher: Tensor, student: Tensor) -> Tensor:
     Args:
         teacher: (out, in) matrix (a view of any float dtype; strided column blocks are fine).
         student: (out, in) matrix.
+        out: optional (out, in // 2) buffer for the result.
+        work: optional (out, in // 2) buffer for the one temporary (callers that stream
+            blocks pass both and allocate nothing).
 
     Returns:
         (out, in // 2) float32 angles in (-pi, pi] (float64 for float64 inputs).
@@ -54,14 +57,14 @@ def implied_angles(teacher: Tensor, student: Tensor) -> Tensor:
     pairs = t.shape[1] // 2
     a0, a1 = t[:, 0 : 2 * pairs : 2], t[:, 1 : 2 * pairs : 2]
     b0, b1 = s[:, 0 : 2 * pairs : 2], s[:, 1 : 2 * pairs : 2]
-    # Products updated in place (fewer temporaries). Not addcmul: a fused multiply-add would
-    # leave a rounding error where a0*b1 - a1*b0 must cancel exactly (an unchanged pair).
-    dot = torch.mul(a0, b0).add_(torch.mul(a1, b1))
-    cross = torch.mul(a0, b1).sub_(torch.mul(a1, b0))
-    return torch.atan2(cross, dot)
+    # Not addcmul for the cross product: a fused multiply-add leaves a rounding error where
+    # a0*b1 - a1*b0 must cancel exactly (an unchanged pair must give Theta = 0).
+    cross = torch.mul(a0, b1, out=out).sub_(torch.mul(a1, b0, out=work))
+    dot = torch.mul(a0, b0, out=work).addcmul_(a1, b1)
+    return cross.atan2_(dot)
 
 
-def implied_rotation_residual(teacher: Tensor, student: Tensor) -> Tensor:
+def implied_rotation_residual(teacher: Tensor, student: Tensor, *, work: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """||W_S - R_Theta(W_T)||_F^2 for the implied angles Theta, in closed form, float64.
 
     Rotating a teacher pair a by its implied angle turns it onto the direction of the student
@@ -72,6 +75,7 @@ def implied_rotation_residual(teacher: Tensor, student: Tensor) -> Tensor:
     Args:
         teacher: (out, in) matrix.
         student: (out, in) matrix.
+        work: optional two (out, in // 2) buffers for the pair lengths.
 
     Returns:
         A 0-d float64 tensor on the inputs' device.
@@ -79,11 +83,13 @@ def implied_rotation_residual(teacher: Tensor, student: Tensor) -> Tensor:
     t, s = _float(teacher), _float(student)
     width = t.shape[1]
     pairs = width // 2
-    length_t = torch.hypot(t[:, 0 : 2 * pairs : 2], t[:, 1 : 2 * pairs : 2])  # (out, pairs)
-    length_s = torch.hypot(s[:, 0 : 2 * pairs : 2], s[:, 1 : 2 * pairs : 2])
-    resid = torch.linalg.vector_norm(length_s.sub_(length_t), dtype=torch.float64).square()
+    buf_t, buf_s = work if work is not None else (None, None)
+    length_t = torch.hypot(t[:, 0 : 2 * pairs : 2], t[:, 1 : 2 * pairs : 2], out=buf_t)  # (out, pairs)
+    length_s = torch.hypot(s[:, 0 : 2 * pairs : 2], s[:, 1 : 2 * pairs : 2], out=buf_s)
+    # Row sums of squares in the block's dtype, summed in float64 (no float64 copy of the block).
+    resid = torch.linalg.vector_norm(length_s.sub_(length_t), dim=1).double().square().sum()
     if width % 2:
-        resid = resid + torch.linalg.vector_norm(s[:, -1] - t[:, -1], dtype=torch.float64).square()
+        resid = resid + torch.linalg.vector_norm(s[:, -1] - t[:, -1]).double().square()
     return resid
 
 

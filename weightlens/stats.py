@@ -15,6 +15,7 @@ file-backed mmaps) is a few blocks plus the Gram matrices of the smaller side. T
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -103,7 +104,15 @@ def _col_blocks(rows: int, cols: int, elements: int) -> Iterator[slice]:
 
 
 class _Scratch:
-    """Reusable block buffers (one allocation per layer instead of one per block)."""
+    """Block buffers reused from block to block and, per thread, from layer to layer.
+
+    Streaming a layer allocates nothing per block. That is speed (no fresh pages to fault in)
+    and memory: with layers computed in several threads, per-block temporaries of ~1 MiB
+    fragment the allocator's per-thread heaps, and resident memory creeps up with model size.
+    A buffer above KEEP elements (a huge Gram, a million-wide row) is not kept.
+    """
+
+    KEEP = 1 << 23  # elements (32 MiB in float32)
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -113,15 +122,31 @@ class _Scratch:
         n = math.prod(shape)
         buf = self._buffers.get((name, dtype))
         if buf is None or buf.numel() < n:
+            self._buffers.pop((name, dtype), None)  # drop the old one before allocating
             buf = torch.empty(n, dtype=dtype, device=self.device)
-            self._buffers[(name, dtype)] = buf
+            if n <= self.KEEP:
+                self._buffers[(name, dtype)] = buf
         return buf[:n].view(shape)
+
+    def zeros(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        return self.get(name, shape, dtype).zero_()
 
     def load(self, name: str, block: Tensor, dtype: torch.dtype, copy: bool = False) -> Tensor:
         """`block` as `dtype`: itself when it already is (and no copy is asked), else converted into a buffer."""
         if block.dtype == dtype and not copy:
             return block
         return self.get(name, tuple(block.shape), dtype).copy_(block)
+
+
+_local = threading.local()
+
+
+def _thread_scratch(device: torch.device) -> _Scratch:
+    """This thread's scratch for `device` (kept while the thread lives)."""
+    per_device: dict[torch.device, _Scratch] = _local.__dict__.setdefault("scratch", {})
+    if device not in per_device:
+        per_device[device] = _Scratch(device)
+    return per_device[device]
 
 
 @dataclass(frozen=True)
@@ -207,12 +232,15 @@ def row_change(teacher: Tensor, student: Tensor, chunk_elements: int = CHUNK_ELE
         student: same shape.
         chunk_elements: elements per block (at least one row).
     """
+    return _row_change(teacher, student, chunk_elements, _Scratch(teacher.device))
+
+
+def _row_change(teacher: Tensor, student: Tensor, chunk_elements: int, scratch: _Scratch) -> RowChange:
     wt, ws = _matrix_view(teacher), _matrix_view(student)
     out, width = wt.shape
     seg = _segment(width)
     # Segment norms of W_T, W_S and m_T (u_T - u_S): (out, segments) float32, ~1/256 of the layer.
-    nt, ns, nd = (torch.empty(out, -(-width // seg), device=wt.device) for _ in range(3))
-    scratch = _Scratch(wt.device)
+    nt, ns, nd = (scratch.get(name, (out, -(-width // seg)), torch.float32) for name in ("nt", "ns", "nd"))
     for rows in _row_blocks(out, width, chunk_elements):
         tc = scratch.load("t", wt[rows], torch.float32)
         sc = scratch.load("s", ws[rows], torch.float32)
@@ -250,21 +278,23 @@ def row_change(teacher: Tensor, student: Tensor, chunk_elements: int = CHUNK_ELE
 class SpectralChange:
     """Gram matrices of Theta and of the direction residual, and the rotation residual.
 
-    Each Gram is of the smaller side's size where the layer shape allows it: a tall layer
-    (out > in) accumulates M^T M over row blocks, any other accumulates M M^T (out x out)
-    over column blocks, so neither Theta nor the residual is ever held whole.
+    Each Gram is of its matrix's smaller side: M^T M accumulated over row blocks for a tall
+    matrix (rows > columns), M M^T over column blocks otherwise, so neither Theta nor the
+    residual is ever held whole. Each is one pass over the layer.
 
     Attributes:
         theta_gram: Gram of Theta (out, in // 2), or None without column pairs.
         resid_gram: Gram of D = U_S - U_T (out, in), row-normalised, zero rows left at zero.
-        rotation_residual: ||W_S - R_Theta(W_T)||_F^2.
-        by_rows: True for M^T M (accumulated over row blocks), False for M M^T.
+        rotation_residual: ||W_S - R_Theta(W_T)||_F^2 (NaN without column pairs).
+        theta_by_rows: theta_gram is Theta^T Theta (else Theta Theta^T).
+        resid_by_rows: resid_gram is D^T D (else D D^T).
     """
 
     theta_gram: Tensor | None
     resid_gram: Tensor
     rotation_residual: float
-    by_rows: bool
+    theta_by_rows: bool
+    resid_by_rows: bool
 
 
 def spectral_change(teacher: Tensor, student: Tensor, rows: RowChange, chunk_elements: int = CHUNK_ELEMENTS) -> SpectralChange:
@@ -276,38 +306,68 @@ def spectral_change(teacher: Tensor, student: Tensor, rows: RowChange, chunk_ele
         rows: :func:`row_change` of the same pair (row norms, non-finite rows).
         chunk_elements: elements per block.
     """
+    scratch = _Scratch(teacher.device)
+    theta, residual, theta_by_rows = _theta_pass(teacher, student, rows, chunk_elements, scratch, "theta_gram")
+    resid, resid_by_rows = _resid_pass(teacher, student, rows, chunk_elements, scratch, "resid_gram")
+    return SpectralChange(theta, resid, residual, theta_by_rows, resid_by_rows)
+
+
+def _blocks(wt: Tensor, ws: Tensor, rows: RowChange, by_rows: bool, chunk_elements: int, scratch: _Scratch) -> Iterator[tuple[slice, Tensor, Tensor]]:
+    """(row slice, teacher block, student block) over row or column blocks, in the working dtype.
+
+    Rows holding NaN/Inf come zeroed (as in row_change); otherwise float32 blocks are views.
+    """
+    out, width = wt.shape
+    dtype = torch.float64 if rows.float64 else torch.float32
+    bad = rows.nonfinite if rows.nonfinite_rows else None
+    for blk in _row_blocks(out, width, chunk_elements) if by_rows else _col_blocks(out, width, chunk_elements):
+        r, c = (blk, slice(None)) if by_rows else (slice(None), blk)
+        tc = scratch.load("t", wt[r, c], dtype, copy=bad is not None)
+        sc = scratch.load("s", ws[r, c], dtype, copy=bad is not None)
+        if bad is not None:
+            tc.masked_fill_(bad[r].unsqueeze(1), 0.0)
+            sc.masked_fill_(bad[r].unsqueeze(1), 0.0)
+        yield r, tc, sc
+
+
+def _theta_pass(teacher: Tensor, student: Tensor, rows: RowChange, chunk_elements: int, scratch: _Scratch, name: str) -> tuple[Tensor | None, float, bool]:
+    """Gram of Theta (in `scratch` under `name`), the rotation residual, and whether the Gram is Theta^T Theta."""
     wt, ws = _matrix_view(teacher), _matrix_view(student)
     out, width = wt.shape
     pairs = width // 2
+    by_rows = out > pairs
+    if not pairs:
+        return None, math.nan, by_rows
     dtype = torch.float64 if rows.float64 else torch.float32
+    side = pairs if by_rows else out
+    gram = scratch.zeros(name, (side, side), dtype)
+    residual = torch.zeros((), dtype=torch.float64, device=wt.device)
+    for _, tc, sc in _blocks(wt, ws, rows, by_rows, chunk_elements, scratch):
+        half = (tc.shape[0], tc.shape[1] // 2)
+        work = scratch.get("pair_a", half, dtype), scratch.get("pair_b", half, dtype)
+        if half[1]:
+            _gram_add(gram, implied_angles(tc, sc, out=work[0], work=work[1]), by_rows)
+        residual += implied_rotation_residual(tc, sc, work=work)
+    return gram, float(residual), by_rows
+
+
+def _resid_pass(teacher: Tensor, student: Tensor, rows: RowChange, chunk_elements: int, scratch: _Scratch, name: str) -> tuple[Tensor, bool]:
+    """Gram of D = U_S - U_T (in `scratch` under `name`) and whether it is D^T D."""
+    wt, ws = _matrix_view(teacher), _matrix_view(student)
+    out, width = wt.shape
     by_rows = out > width
+    dtype = torch.float64 if rows.float64 else torch.float32
     valid = rows.valid
-    # D = U_S - U_T = -(W_T - W_S m_T / m_S) / m_T per row: as in row_change, exactly 0 for an
-    # unchanged row (the ratio is then exactly 1); 0 for rows with a zero norm.
+    # D = -(W_T - W_S m_T / m_S) / m_T per row: as in row_change, exactly 0 for an unchanged
+    # row (the ratio is then exactly 1); 0 for rows with a zero norm.
     neg_inv_t = torch.where(valid, -1.0 / torch.where(valid, rows.norm_teacher, 1.0), 0.0).to(dtype).unsqueeze(1)
     ratio = torch.where(valid, rows.norm_teacher / torch.where(valid, rows.norm_student, 1.0), 0.0).to(dtype).unsqueeze(1)
-    bad = rows.nonfinite if rows.nonfinite_rows else None
-    copy = not by_rows or bad is not None
-    side_d, side_theta = (width, pairs) if by_rows else (out, out)
-    resid_gram = torch.zeros(side_d, side_d, dtype=dtype, device=wt.device)
-    theta_gram = torch.zeros(side_theta, side_theta, dtype=dtype, device=wt.device) if pairs else None
-    residual = torch.zeros((), dtype=torch.float64, device=wt.device)
-    scratch = _Scratch(wt.device)
-    blocks = _row_blocks(out, width, chunk_elements) if by_rows else _col_blocks(out, width, chunk_elements)
-    for blk in blocks:
-        r, c = (blk, slice(None)) if by_rows else (slice(None), blk)
-        # A contiguous float block (a view where that already holds: float32 row blocks).
-        tc = scratch.load("t", wt[r, c], dtype, copy=copy)
-        sc = scratch.load("s", ws[r, c], dtype, copy=copy)
-        if bad is not None:  # rows holding NaN/Inf are zero, as in row_change
-            tc.masked_fill_(bad[r].unsqueeze(1), 0.0)
-            sc.masked_fill_(bad[r].unsqueeze(1), 0.0)
+    side = width if by_rows else out
+    gram = scratch.zeros(name, (side, side), dtype)
+    for r, tc, sc in _blocks(wt, ws, rows, by_rows, chunk_elements, scratch):
         d = torch.addcmul(tc, sc, ratio[r], value=-1.0, out=scratch.get("d", tuple(tc.shape), dtype)).mul_(neg_inv_t[r])  # (rows, cols) of D
-        _gram_add(resid_gram, d, by_rows)
-        if theta_gram is not None and tc.shape[1] >= 2:
-            _gram_add(theta_gram, implied_angles(tc, sc), by_rows)
-        residual += implied_rotation_residual(tc, sc)
-    return SpectralChange(theta_gram, resid_gram, float(residual), by_rows)
+        _gram_add(gram, d, by_rows)
+    return gram, by_rows
 
 
 def _gram_add(gram: Tensor, block: Tensor, by_rows: bool) -> None:
@@ -451,7 +511,8 @@ def matrix_stats(teacher: Tensor, student: Tensor, spectra: bool = True, chunk_e
     """
     if teacher.shape != student.shape:
         raise ValueError(f"teacher {tuple(teacher.shape)} and student {tuple(student.shape)} differ in shape")
-    rc = row_change(teacher, student, chunk_elements)
+    scratch = _thread_scratch(teacher.device)
+    rc = _row_change(teacher, student, chunk_elements, scratch)
     out = teacher.shape[0]
     width = teacher.numel() // out if out else 0
     pairs = width // 2
@@ -463,13 +524,15 @@ def matrix_stats(teacher: Tensor, student: Tensor, spectra: bool = True, chunk_e
     theta_e = resid_e = np.zeros(0)
     rot = theta_rand = resid_rand = math.nan
     if spectra:
-        sp = spectral_change(teacher, student, rc, chunk_elements)
-        if sp.theta_gram is not None:
-            rot = 1.0 - sp.rotation_residual / rc.delta_sq if rc.delta_sq > 0 else math.nan
-            theta_e = gram_energies(sp.theta_gram, min(out, pairs)).cpu().numpy()
+        # One Gram at a time, in the same buffer: its eigenvalues are taken before the next.
+        theta_gram, residual, _ = _theta_pass(teacher, student, rc, chunk_elements, scratch, "gram")
+        if theta_gram is not None:
+            rot = 1.0 - residual / rc.delta_sq if rc.delta_sq > 0 else math.nan
+            theta_e = gram_energies(theta_gram, min(out, pairs)).cpu().numpy()
             theta_spec = spectrum_stats(theta_e, (out, pairs))
             theta_rand = random_energy_30(out, pairs)
-        resid_e = gram_energies(sp.resid_gram, min(out, width)).cpu().numpy()
+        resid_gram, _ = _resid_pass(teacher, student, rc, chunk_elements, scratch, "gram")
+        resid_e = gram_energies(resid_gram, min(out, width)).cpu().numpy()
         resid_spec = spectrum_stats(resid_e, (out, width))
         resid_rand = random_energy_30(out, width)
     return MatrixStats(
