@@ -7,9 +7,10 @@ flattened to (out, in*kh*kw) by :func:`as_matrix`.
 A layer is never copied or converted whole: it is read in blocks of about
 :data:`CHUNK_ELEMENTS` elements (row blocks, or column blocks for the Gram of a wide matrix),
 each converted to float32 on its own, so memory above the two input tensors (which may be
-file-backed mmaps) is a few blocks plus the Gram matrices of the smaller side. Two passes:
-:func:`row_change` (row norms and direction changes; all that stats-only mode needs) and
-:func:`spectral_change` (Theta, the direction residual's Gram and the rotation residual).
+file-backed mmaps) is a few blocks plus one Gram matrix of the smaller side at a time.
+:func:`row_change` is one pass (row norms and direction changes: all that stats-only mode
+needs); :func:`spectral_change` adds one pass for Theta (its Gram and the rotation residual)
+and one for the direction residual's Gram.
 """
 
 from __future__ import annotations
