@@ -243,13 +243,8 @@ def generate_from_prompts(folder: str | Path, prompts: list[str], n: int | None 
     images = []
     for start in range(0, n, batch_size):
         rows = idx[start : start + batch_size].to(dev)
-        images.append(one_step_images(pipe, info, noise[start : start + batch_size], _rows(embeds, rows)).cpu())
+        images.append(one_step_images(pipe, info, noise[start : start + batch_size], embeds.index(rows)).cpu())
     return torch.cat(images)
-
-
-def _rows(cond: Cond, rows: Tensor) -> Cond:
-    """The conditioning of the given batch rows (prompt i for image j: rows[j] = i)."""
-    return cond._map(lambda t: t[rows])
 
 
 @torch.no_grad()

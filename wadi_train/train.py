@@ -169,12 +169,13 @@ class Distiller:
         for _ in range(accum):
             cond = self.sampler.sample(b, self.gen).to(self.acc.device)
             z = self._randn(shape)
+            z_all, cond_all = z, cond
             if self.pairs is not None:  # one student forward over fresh noise + pair noise
                 z_r, cond_r, target_r = self.pairs.batch(torch.randint(len(self.pairs), (b,), generator=self.gen))
-                z, cond = torch.cat((z, z_r)), cond.cat(cond_r)
+                z_all, cond_all = torch.cat((z, z_r)), cond.cat(cond_r)
             with self.acc.autocast():
-                x0_all = self.generate(z, cond).float()
-                x0_hat, cond = x0_all[:b], cond.index(torch.arange(b, device=self.acc.device))
+                x0_all = self.generate(z_all, cond_all).float()
+                x0_hat = x0_all[:b]
                 t = sample_timesteps(b, v.t_min, v.t_max, generator=self.gen).to(self.acc.device)
                 x_t = add_noise(x0_hat.detach(), self._randn(shape), abar_at(self.alphas, t, len(shape)))
                 with torch.no_grad():
