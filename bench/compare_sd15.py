@@ -9,7 +9,10 @@ subprocess so its memory can be measured, it runs
       `torch.linalg.svdvals` of every direction residual;
   (b) stats: `compare(..., CompareOptions(stats_only=True))`;
   (c) full: `compare(..., CompareOptions())` (Theta, both spectra, rank fit);
-and (c) again on a smaller model, to show that its peak memory does not grow with model size;
+and (c) again on a deeper model (same widths, so the same largest layer; --deep-layers resnet
+and transformer layers per block instead of SD1.5's 2 and 1: 1.79B parameters, 2.1x SD1.5), to show that its
+peak memory does not grow with model size, and on a narrower one (--small-scale), to show what
+it does follow: the largest layer;
 a `floor` child (interpreter and the imports of (b)/(c), no work) shows the fixed cost in
 each figure.
 The parent times each subprocess (wall clock) and samples RssAnon/RssFile from
@@ -18,8 +21,9 @@ RSS including file pages) comes from wait4's rusage; the CPU time other processe
 meanwhile is printed too, since a busy 2-core machine skews every figure. It prints a table,
 the ratios and PASS/FAIL per target, and always exits 0.
 
-    python bench/compare_sd15.py [--data DIR] [--scale 1.0] [--small-scale 0.5] [--json out.json] [--cleanup]
-                                 [--modes stats,full,full-small] [--naive-from earlier.json]
+    python bench/compare_sd15.py [--data DIR] [--scale 1.0] [--small-scale 0.5] [--deep-layers 3]
+                                 [--json out.json] [--cleanup]
+                                 [--modes stats,full,full-small,full-deep] [--naive-from earlier.json]
 
 The generated pair is cached under --data and reused; --cleanup deletes it at the end.
 --modes runs a subset; --naive-from takes (a) from an earlier --json run instead of
@@ -45,7 +49,7 @@ from typing import Any
 DEFAULT_DATA = Path("/tmp/weightlens-bench-sd15")
 MODES = ("naive", "stats", "full")
 CHILD_MODES = ("floor", *MODES)  # floor: interpreter + the imports of (b)/(c), no work
-RUNS = ("floor", *MODES, "full-small")  # what --modes may select
+RUNS = ("floor", *MODES, "full-small", "full-deep")  # what --modes may select
 SAMPLE_S = 0.05
 CONTENDED = 0.10  # other processes' share of the CPUs above which a timing is flagged
 MIB = 1024 * 1024
@@ -55,10 +59,12 @@ MIB = 1024 * 1024
 FULL_VS_NAIVE_MAX = 0.15
 FULL_ANON_MAX_MIB = 1024.0
 STATS_VS_READ_MAX = 2.0
-# "Not growing with model size": (c)'s peak on the full model within 10 % of its peak on the
-# smaller one (a streaming tool's peak may follow the largest layer, never the layer count).
+# "Not growing with model size": (c)'s peak on the deeper model (same widths, more layers,
+# bigger files) within 10 % of its peak on SD1.5 (a streaming tool's peak may follow the
+# largest layer, never the layer count).
 FULL_ANON_FLAT_MAX = 1.10
 
+SD15_LAYERS = 2  # SD1.5's layers_per_block (and one transformer block per attention)
 # diffusers' SD1.5 U-Net (runwayml/stable-diffusion-v1-5 unet/config.json), written inline.
 SD15_UNET = {
     "sample_size": 64,
@@ -76,14 +82,16 @@ SD15_UNET = {
 # ---------------------------------------------------------------------------- the data
 
 
-def unet_config(scale: float) -> dict[str, Any]:
-    """The SD1.5 config with block widths times `scale` (multiples of 32 for GroupNorm(32))."""
+def unet_config(scale: float, layers: int = SD15_LAYERS) -> dict[str, Any]:
+    """The SD1.5 config with block widths times `scale` (multiples of 32 for GroupNorm(32)) and
+    `layers` resnets (and transformer blocks) per block."""
     widths = tuple(max(32, round(c * scale / 32) * 32) for c in SD15_UNET["block_out_channels"])
-    return {**SD15_UNET, "block_out_channels": widths}
+    deep = {} if layers == SD15_LAYERS else {"layers_per_block": layers, "transformer_layers_per_block": layers}
+    return {**SD15_UNET, "block_out_channels": widths, **deep}
 
 
-def pair_paths(data: Path, scale: float) -> tuple[Path, Path]:
-    folder = data / f"sd15-x{scale:g}"
+def pair_paths(data: Path, scale: float, layers: int = SD15_LAYERS) -> tuple[Path, Path]:
+    folder = data / (f"sd15-x{scale:g}" + (f"-l{layers}" if layers != SD15_LAYERS else ""))
     return folder / "teacher.safetensors", folder / "student.safetensors"
 
 
@@ -95,14 +103,14 @@ def largest_layer_mib(path: Path) -> float:
     return max(spans) / MIB
 
 
-def make_teacher(path: Path, scale: float, seed: int) -> None:
+def make_teacher(path: Path, scale: float, layers: int, seed: int) -> None:
     """Random-init the U-Net from config and save it (the one step that holds a whole model)."""
     import torch
     from diffusers import UNet2DConditionModel
     from safetensors.torch import save_file
 
     torch.manual_seed(seed)
-    model = UNet2DConditionModel(**unet_config(scale))
+    model = UNet2DConditionModel(**unet_config(scale, layers))
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     del model
     tmp = path.with_name(f".{path.name}.partial")
@@ -136,13 +144,13 @@ def make_student(teacher: Path, path: Path, rank: int, seed: int) -> dict[str, i
     return {"rotated": len(plant.rotate), "scaled": len(plant.scale), "noised": len(keys) - len(plant.rotate) - len(plant.scale)}
 
 
-def ensure_pair(data: Path, scale: float, rank: int, seed: int) -> tuple[Path, Path]:
-    """Generate the pair for `scale` under `data` unless it is already there."""
-    teacher, student = pair_paths(data, scale)
+def ensure_pair(data: Path, scale: float, rank: int, seed: int, layers: int = SD15_LAYERS) -> tuple[Path, Path]:
+    """Generate the pair for `scale` and `layers` under `data` unless it is already there."""
+    teacher, student = pair_paths(data, scale, layers)
     teacher.parent.mkdir(parents=True, exist_ok=True)
     if not teacher.is_file():
         t0 = time.perf_counter()
-        _run_child(["--make-teacher", str(teacher), "--scale", str(scale), "--seed", str(seed)])
+        _run_child(["--make-teacher", str(teacher), "--scale", str(scale), "--deep-layers", str(layers), "--seed", str(seed)])
         print(f"  generated {teacher} ({teacher.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     if not student.is_file():
         t0 = time.perf_counter()
@@ -358,7 +366,8 @@ def table(rows: list[Measurement], naive: Measurement | None, read_s: float) -> 
     return "\n".join(lines)
 
 
-def verdicts(by: dict[str, Measurement], read_s: float, largest: dict[str, float]) -> list[tuple[str, bool, str]]:
+def verdicts(by: dict[str, Measurement], read_s: float, largest: dict[str, float]) -> list[tuple[str, bool | None, str]]:
+    """(target, passed, detail) per target; passed is None for a line of information."""
     naive, stats, full = by["naive"], by["stats"], by["full"]
     out = [
         ("(c) time <= 0.15x (a)", full.seconds <= FULL_VS_NAIVE_MAX * naive.seconds, f"{full.seconds / naive.seconds:.3f}x ({full.seconds:.1f} s vs {naive.seconds:.1f} s; CPU time {full.cpu_s / naive.cpu_s:.3f}x)"),
@@ -370,19 +379,21 @@ def verdicts(by: dict[str, Measurement], read_s: float, largest: dict[str, float
     # which no amount of reading speed can win back: the work itself against the read.
     work = stats.child.get("compare_s", math.nan)
     out.append(("(b) work <= 2x read", work <= STATS_VS_READ_MAX * read_s, f"{work / read_s:.2f}x ({work:.2f} s in compare() vs {read_s:.2f} s read; the floor child takes {by['floor'].seconds:.2f} s)"))
-    small = by.get("full-small")
-    if small is not None:
-        floor = by["floor"].peak_anon_mib
+    floor = by["floor"].peak_anon_mib
 
-        def layers(m: Measurement, key: str) -> str:  # working set above the floor, in largest layers
-            return f"{(m.peak_anon_mib - floor) / largest[key]:.1f}x its largest layer ({largest[key]:.0f} MiB)"
+    def above(m: Measurement, key: str) -> str:  # working set above the import floor, in largest layers
+        return f"{m.peak_anon_mib - floor:.0f} MiB above the {floor:.0f} MiB import floor = {(m.peak_anon_mib - floor) / largest[key]:.2f}x its largest layer ({largest[key]:.0f} MiB)"
 
+    deep = by.get("full-deep")
+    if deep is not None:
         out.append((
-            "(c) peak flat in model size", full.peak_anon_mib <= FULL_ANON_FLAT_MAX * small.peak_anon_mib,
-            f"{small.peak_anon_mib:.0f} -> {full.peak_anon_mib:.0f} MiB ({full.peak_anon_mib / small.peak_anon_mib:.2f}x, limit {FULL_ANON_FLAT_MAX:.2f}x) "
-            f"for files {largest['small_file']:.0f} -> {largest['file']:.0f} MiB; above the {floor:.0f} MiB import floor: "
-            f"small {layers(small, 'small')}, full {layers(full, 'full')}",
+            "(c) peak flat in model size", deep.peak_anon_mib <= FULL_ANON_FLAT_MAX * full.peak_anon_mib,
+            (f"{full.peak_anon_mib:.0f} -> {deep.peak_anon_mib:.0f} MiB ({deep.peak_anon_mib / full.peak_anon_mib:.2f}x, limit {FULL_ANON_FLAT_MAX:.2f}x) "
+             f"for files {largest['file']:.0f} -> {largest['deep_file']:.0f} MiB with the same widths; deep: {above(deep, 'deep')}"),
         ))
+    small = by.get("full-small")
+    if small is not None:  # information, not a target: what the peak does follow
+        out.append(("(c) peak follows the largest layer", None, f"x1 widths: {above(full, 'full')}; {small.label.removeprefix('(c) full @ ')} widths: {above(small, 'small')}"))
     return out
 
 
@@ -394,6 +405,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="where the generated pairs are cached (default %(default)s)")
     p.add_argument("--scale", type=float, default=1.0, help="block width factor of the main model (1.0 = SD1.5)")
     p.add_argument("--small-scale", type=float, default=0.5, help="width factor of the second model (c) runs on; 0 skips it")
+    p.add_argument("--deep-layers", type=int, default=3, help="layers per block of the deeper model (c) runs on (SD1.5: 2); 0 skips it")
     p.add_argument("--rank", type=int, default=4, help="rank of the planted LoRaD rotations")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--write", action="store_true", help="(b)/(c) also time write_analysis(report=False)")
@@ -415,10 +427,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def bench(args: argparse.Namespace) -> dict[str, Any]:
     print(f"generating/reusing pairs under {args.data}", file=sys.stderr)
     teacher, student = ensure_pair(args.data, args.scale, args.rank, args.seed)
-    small = ensure_pair(args.data, args.small_scale, args.rank, args.seed) if args.small_scale > 0 else None
+    modes = set(args.modes.split(",")) | {"floor"}
+    small = ensure_pair(args.data, args.small_scale, args.rank, args.seed) if args.small_scale > 0 and "full-small" in modes else None
+    deep = ensure_pair(args.data, args.scale, args.rank, args.seed, args.deep_layers) if args.deep_layers > 0 and "full-deep" in modes else None
     if args.generate_only:
         return {}
-    modes = set(args.modes.split(",")) | {"floor"}
     if unknown := modes - set(RUNS):
         raise SystemExit(f"--modes: unknown {sorted(unknown)}; choose from {', '.join(RUNS)}")
     read_s = warm_read(teacher, student)
@@ -439,9 +452,14 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         print(f"running (c) full at scale {args.small_scale:g} ...", file=sys.stderr)
         by["full-small"] = measure(f"(c) full @ x{args.small_scale:g}", "full", *small, args.write)
         largest.update(small=largest_layer_mib(small[0]), small_file=small[0].stat().st_size / MIB)
+    if deep is not None:
+        warm_cache(*deep)
+        print(f"running (c) full on the {args.deep_layers}-layer model ...", file=sys.stderr)
+        by["full-deep"] = measure(f"(c) full, {args.deep_layers} layers/block", "full", *deep, args.write)
+        largest.update(deep=largest_layer_mib(deep[0]), deep_file=deep[0].stat().st_size / MIB)
     report = {
         "files": {"teacher": str(teacher), "student": str(student), "bytes_each": teacher.stat().st_size, "small_bytes_each": small[0].stat().st_size if small else None},
-        "scale": args.scale, "small_scale": args.small_scale, "torch_threads": _torch_threads(), "cpus": os.cpu_count(),
+        "scale": args.scale, "small_scale": args.small_scale, "deep_layers": args.deep_layers, "torch_threads": _torch_threads(), "cpus": os.cpu_count(),
         "read_s": read_s, "largest_layer_mib": largest,
         "runs": {k: asdict(m) for k, m in by.items()},
         "targets": [{"target": n, "pass": ok, "detail": d} for n, ok, d in verdicts(by, read_s, largest)] if {"naive", "stats", "full"} <= by.keys() else [],
@@ -465,13 +483,13 @@ def print_report(report: dict[str, Any]) -> None:
         print(f"WARNING: other processes used > {CONTENDED:.0%} of the CPUs during {', '.join(busy)}: those times are contended")
     print()
     for t in report["targets"]:
-        print(f"{'PASS' if t['pass'] else 'FAIL'}  {t['target']:<30} {t['detail']}")
+        print(f"{ {True: 'PASS', False: 'FAIL', None: 'INFO'}[t['pass']]}  {t['target']:<30} {t['detail']}")
 
 
-def cleanup(data: Path, scales: list[float]) -> None:
+def cleanup(data: Path, models: list[tuple[float, int]]) -> None:
     """Delete only what this benchmark generated, then `data` if that left it empty."""
-    for scale in scales:
-        folder = pair_paths(data, scale)[0].parent
+    for scale, layers in models:
+        folder = pair_paths(data, scale, layers)[0].parent
         if folder.is_dir():
             shutil.rmtree(folder)
     if data.is_dir() and not any(data.iterdir()):
@@ -481,7 +499,7 @@ def cleanup(data: Path, scales: list[float]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.make_teacher:
-        make_teacher(args.make_teacher, args.scale, args.seed)
+        make_teacher(args.make_teacher, args.scale, args.deep_layers, args.seed)
     elif args.make_student:
         print(f"  student plant: {make_student(args.teacher, args.make_student, args.rank, args.seed)}", file=sys.stderr)
     elif args.mode:
@@ -495,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.json.write_text(json.dumps(report, indent=2) + "\n")
         finally:
             if args.cleanup:
-                cleanup(args.data, [args.scale, args.small_scale])
+                cleanup(args.data, [(args.scale, SD15_LAYERS), (args.small_scale, SD15_LAYERS), (args.scale, args.deep_layers)])
     return 0
 
 

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 ProgressCallback = Callable[[int, int, str], None]
 GPU_CHUNK_ELEMENTS = 1 << 24  # a GPU wants bigger blocks (fewer kernel launches) and has the memory
 MAX_AUTO_WORKERS = 4  # each worker holds its own Gram matrices: bounded even on a many-core host
+QUEUED_PER_WORKER = 8  # pairs queued ahead per worker, so no worker waits behind a slow layer
 
 
 @dataclass(frozen=True)
@@ -93,10 +94,15 @@ def _results(pairs: list[AlignedKey], teacher: CheckpointReader, student: Checkp
     """Statistics of every pair, in order; `options.workers` pairs computed at once in threads.
 
     Readers hand out file-backed (mmap) tensors and the statistics read them block by block,
-    so a pair in flight costs its scratch blocks and Gram matrices, not a copy of the layer.
-    At most `workers` pairs are in flight (none read further ahead).
+    so a pair being computed costs its scratch blocks and Gram matrices, not a copy of the
+    layer. At most `workers` pairs are computed at once; up to QUEUED_PER_WORKER more per
+    worker wait in the pool's queue (a queued pair holds nothing: its tensors are opened
+    when a worker takes it), so a worker that finishes a small layer takes the next one
+    instead of idling until a big layer ahead of it is done. Finished results wait, in
+    order, to be yielded; they are small (per-layer figures and spectra).
     """
     chunk = CHUNK_ELEMENTS if device.type == "cpu" else GPU_CHUNK_ELEMENTS
+    workers = options.workers if options.workers > 0 else min(os.cpu_count() or 1, MAX_AUTO_WORKERS)
 
     def work(pair: AlignedKey) -> VectorStats | tuple[LayerStats, MatrixStats]:
         t = teacher.get(pair.teacher_key).to(device)
@@ -105,7 +111,6 @@ def _results(pairs: list[AlignedKey], teacher: CheckpointReader, student: Checkp
             return _vector_stats(pair, t, s)
         return _layer_stats(pair, t, s, options.stats_only, chunk)
 
-    workers = options.workers if options.workers > 0 else min(os.cpu_count() or 1, MAX_AUTO_WORKERS)
     if workers == 1:
         for pair in pairs:
             yield pair, work(pair)
@@ -113,7 +118,7 @@ def _results(pairs: list[AlignedKey], teacher: CheckpointReader, student: Checkp
     with _intra_op_threads(max(1, torch.get_num_threads() // workers) if device.type == "cpu" else None), \
             ThreadPoolExecutor(max_workers=workers, thread_name_prefix="weightlens") as pool:
         it = iter(pairs)
-        pending = deque((pair, pool.submit(work, pair)) for pair in islice(it, workers))
+        pending = deque((pair, pool.submit(work, pair)) for pair in islice(it, workers * (1 + QUEUED_PER_WORKER)))
         try:
             while pending:
                 pair, fut = pending.popleft()

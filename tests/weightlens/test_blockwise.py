@@ -7,6 +7,7 @@ float64 references, and the readers' mmap path against safetensors' own reader.
 
 from __future__ import annotations
 
+import importlib
 import math
 import re
 import threading
@@ -213,28 +214,67 @@ def test_workers_give_identical_results_in_order(unet_pair, tmp_path: Path) -> N
 
 
 def test_at_most_workers_pairs_in_flight(unet_pair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
-    """No read-ahead beyond the pairs being computed: a pair is fetched only when a worker is free."""
+    """At most `workers` pairs hold mapped tensors at once: a pair's tensors are fetched when a
+    worker takes it (queued pairs hold nothing), and released when its statistics are done."""
+    compare_module = importlib.import_module("weightlens.compare")  # the package re-exports a function of that name
+
     t, s = _save_pair(unet_pair, tmp_path)
-    fetched, done, worst = [0], [0], [0]
     lock = threading.Lock()
+    open_tensors, worst, pairs_done = [0], [0], [0]
     get = SafetensorsReader.get
 
     def counting_get(self, key):  # type: ignore[no-untyped-def]
         with lock:
-            fetched[0] += 1
-            worst[0] = max(worst[0], fetched[0] // 2 - done[0])  # teacher + student per pair
+            open_tensors[0] += 1
+            worst[0] = max(worst[0], open_tensors[0])
         return get(self, key)
 
+    def finishing(fn):  # type: ignore[no-untyped-def]
+        def wrapped(pair, *args):  # type: ignore[no-untyped-def]
+            out = fn(pair, *args)
+            with lock:
+                open_tensors[0] -= 2  # the pair's teacher and student tensor
+                pairs_done[0] += 1
+            return out
+        return wrapped
+
     monkeypatch.setattr(SafetensorsReader, "get", counting_get)
-
-    def progress(d: int, n: int, name: str) -> None:
-        with lock:
-            done[0] = d
-
+    monkeypatch.setattr(compare_module, "_layer_stats", finishing(compare_module._layer_stats))
+    monkeypatch.setattr(compare_module, "_vector_stats", finishing(compare_module._vector_stats))
     threads = torch.get_num_threads()
-    weightlens.compare(t, s, weightlens.CompareOptions(timestamps=False, workers=2), progress=progress)
-    assert 1 <= worst[0] <= 2 + 1  # the two being computed, and one fetched as its result is yielded
+    a = weightlens.compare(t, s, weightlens.CompareOptions(timestamps=False, workers=2))
+    assert pairs_done[0] == len(a.layers) + len(a.vectors) > 10
+    assert 2 <= worst[0] <= 2 * 2  # both workers busy at some point, never more than two pairs open
     assert torch.get_num_threads() == threads  # intra-op threads restored
+
+
+def test_workers_do_not_wait_behind_a_slow_layer(unet_pair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """While one worker is stuck on a slow layer, the other goes on with the layers after it
+    (results are still yielded in order)."""
+    compare_module = importlib.import_module("weightlens.compare")  # the package re-exports a function of that name
+
+    t, s = _save_pair(unet_pair, tmp_path)
+    slow_started, release = threading.Event(), threading.Event()
+    done_meanwhile: list[str] = []
+    layer_stats = compare_module._layer_stats
+    first: list[str] = []
+
+    def maybe_slow(pair, *args):  # type: ignore[no-untyped-def]
+        if not first:
+            first.append(pair.name)
+            slow_started.set()
+            assert release.wait(10), "the other worker never got through the queue"
+        elif slow_started.is_set() and not release.is_set():
+            done_meanwhile.append(pair.name)
+            if len(done_meanwhile) >= 3:
+                release.set()
+        return layer_stats(pair, *args)
+
+    monkeypatch.setattr(compare_module, "_layer_stats", maybe_slow)
+    names: list[str] = []
+    weightlens.compare(t, s, weightlens.CompareOptions(timestamps=False, workers=2), progress=lambda d, n, name: names.append(name))
+    assert len(done_meanwhile) >= 3
+    assert names.index(first[0]) < min(names.index(n) for n in done_meanwhile)  # yielded in order
 
 
 def test_negative_workers_is_an_option_error(unet_pair, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
