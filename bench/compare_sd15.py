@@ -197,8 +197,11 @@ def run_naive(teacher: Path, student: Path) -> dict[str, Any]:
 
 
 def run_weightlens(teacher: Path, student: Path, stats_only: bool, write: bool) -> dict[str, Any]:
-    """(b) and (c): the library API, no report rendering."""
+    """(b) and (c): the library API, no report rendering, with the CLI's allocator setting."""
     from weightlens import CompareOptions, compare
+    from weightlens.memory import bound_allocator
+
+    bound_allocator()  # as `weightlens compare` does
 
     t0 = time.perf_counter()
     analysis = compare(teacher, student, CompareOptions(stats_only=stats_only, timestamps=False))

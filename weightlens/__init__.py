@@ -5,15 +5,9 @@ vs direction change, the pairwise rotation LoRaD would need, spectra of the chan
 fitted LoRaD rank config, written as an HTML report, PNG figures, CSV and JSON.
 """
 
-import os
-import sys
+from weightlens.memory import disable_mkl_buffer_cache
 
-# MKL's fast memory manager keeps the buffers of every eigensolve and Gram product, per
-# thread, for the life of the process: on SD1.5 that is ~35 MiB of a full analysis's ~75 MiB
-# working set. MKL reads this variable once, when torch loads it, so it only takes effect
-# when weightlens is imported before torch (the CLI always is); a user's own setting wins.
-if "torch" not in sys.modules:
-    os.environ.setdefault("MKL_DISABLE_FAST_MM", "1")
+disable_mkl_buffer_cache()  # before anything imports torch (see weightlens/memory.py)
 
 from weightlens.align import AlignOptions
 from weightlens.compare import CompareOptions, compare

@@ -82,9 +82,11 @@ def compare(
     from weightlens.align import AlignOptions
     from weightlens.compare import CompareOptions
     from weightlens.compare import compare as run_compare
+    from weightlens.memory import bound_allocator
     from weightlens.output import prepare_output, write_analysis
 
     _setup(quiet, verbose)
+    bound_allocator()  # peak memory flat in the number of layers (see weightlens/memory.py)
     options = CompareOptions(
         align=AlignOptions(tuple(strip_prefix or ()), tuple(include or ()), tuple(exclude or ()), tuple(map_ or ()), ema=ema),
         energy=energy if energy is not None else (None if budget else 0.9), budget=budget,
