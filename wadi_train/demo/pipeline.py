@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +59,9 @@ def _run_config(out: Path, teacher_w: Path, s: DemoSettings, name: str, adapter:
         "name": name, "output_dir": str(out / "runs" / name),
         "model": {"config": digits_unet_config(s.teacher.size, s.teacher.width), "weights": str(teacher_w), "num_classes": NUM_CLASSES, "scheduler": SCHEDULE},
         "adapter": adapter,
-        "fake": {"rank": s.fake_rank},
-        "vsd": {"teacher_cfg": s.guidance, "fake_cfg": s.guidance},
-        "optim": {"student_lr": lr, "fake_lr": s.fake_lr},
+        "fake": {"rank": s.fake_rank, "steps_per_student_step": s.fake_steps},
+        "vsd": {"teacher_cfg": s.guidance, "fake_cfg": s.fake_guidance},
+        "optim": {"student_lr": lr, "fake_lr": s.fake_lr, "warmup_steps": s.warmup_steps},
         "train": {"steps": steps, "batch_size": s.batch_size, "checkpoint_every": steps, "log_every": max(1, steps // 100), "ema_decay": None, "seed": s.seed, "device": "cpu"},
     }
 
@@ -74,8 +75,6 @@ def _distil(cfg: dict[str, Any], stage: Stage, label: str, reused: list[str]) ->
         reused.append(label)
         return run / "export", float(json.loads(done_file.read_text())["seconds"])
     if run.exists():
-        import shutil
-
         shutil.rmtree(run)
     start = time.perf_counter()
     train(config, progress=lambda i, n, m: stage(label, i, n, f"student {m.get('loss_student', float('nan')):.4f}"))
@@ -117,7 +116,7 @@ def _teacher_samples(model: nn.Module, sched_cfg: dict[str, Any], n: int, steps:
 
 def run_digits_demo(out: Path, cache: Path, s: DemoSettings, retrain: bool = False, stage: Stage | None = None) -> dict[str, Any]:
     """Run the whole pipeline; writes everything under `out` and returns results.json's content."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler
 
     import weightlens
     from weightlens.output import write_analysis
@@ -149,7 +148,7 @@ def run_digits_demo(out: Path, cache: Path, s: DemoSettings, retrain: bool = Fal
     adapters = {
         "lorad_fitted": ({"method": "lorad", "ranks_file": str(ranks_file)}, s.student_lr),
         "lorad_uniform": ({"method": "lorad", "rank": uniform["lorad"]}, s.student_lr),
-        "lora": ({"method": "lora", "rank": uniform["lora"]}, s.student_lr),
+        "lora": ({"method": "lora", "rank": uniform["lora"]}, s.lora_lr),
         "full": ({"method": "full"}, s.full_lr),
     }
     results: list[ModelResult] = []
@@ -168,24 +167,13 @@ def run_digits_demo(out: Path, cache: Path, s: DemoSettings, retrain: bool = Fal
         a = weightlens.compare(teacher_w, export / "model", weightlens.CompareOptions(budget=s.budget, timestamps=False))
         write_analysis(a, out / "weightlens" / name, overwrite=True, timestamp=False)
 
-    # 5. the teacher at several DDIM step counts
-    teacher = UNet2DConditionModel.from_config(digits_unet_config(s.teacher.size, s.teacher.width))
-    from safetensors.torch import load_file
-
-    teacher.load_state_dict(load_file(teacher_w))
-    teacher.eval()
-    # Where every student starts: the teacher's one-step x0 without guidance, same noise.
-    stage("evaluate", 0, 1, "students at init")
-    x, ms = _one_step_samples(teacher, alphas, s.eval_samples, s.seed + 1, shape)
-    m = evaluate_samples(clf, x, _labels(len(x)), ref)
-    results.append(ModelResult("student_init", "teacher", 1, m.fid, m.accuracy, ms))
-    grids["student_init"] = str(save_grid(x[:100], out / "grids" / "student_init.png", nrow=10).relative_to(out))
-    for steps in s.teacher_steps:
-        stage("evaluate", 0, 1, f"teacher {steps} steps")
-        x, ms = _teacher_samples(teacher, dict(sched.config), s.eval_samples, steps, s, shape)
-        m = evaluate_samples(clf, x, _labels(len(x)), ref)
-        results.append(ModelResult(f"teacher_ddim{steps}", "teacher", steps, m.fid, m.accuracy, ms))
-        grids[f"teacher_ddim{steps}"] = str(save_grid(x[:100], out / "grids" / f"teacher_ddim{steps}.png", nrow=10).relative_to(out))
+    # 5. the teacher at several DDIM step counts, and where every student starts (cached)
+    teacher_rows, teacher_grids = _teacher_results(cache, teacher_w, s, clf, ref, alphas, dict(sched.config), shape, stage)
+    results += teacher_rows
+    (out / "grids").mkdir(exist_ok=True)
+    for name, png in teacher_grids.items():
+        shutil.copyfile(png, out / "grids" / f"{name}.png")
+        grids[name] = f"grids/{name}.png"
 
     doc = {
         "settings": _jsonable(asdict(s)), "teacher": tinfo, "budget_params": budget,
@@ -198,6 +186,49 @@ def run_digits_demo(out: Path, cache: Path, s: DemoSettings, retrain: bool = Fal
 
     write_demo_report(out, doc)
     return doc
+
+
+def _teacher_results(cache: Path, teacher_w: Path, s: DemoSettings, clf: nn.Module, ref: Any, alphas: torch.Tensor, sched_cfg: dict[str, Any], shape: tuple[int, int, int], stage: Stage) -> tuple[list[ModelResult], dict[str, Path]]:
+    """Rows and grid PNGs of the teacher at `s.teacher_steps` DDIM steps and of `student_init`
+    (the teacher's unguided one-step output, where every student starts).
+
+    They depend only on the teacher's weights, the classifier and the evaluation settings, so
+    they are cached next to the teacher (a rerun spends its time on the students) under a key
+    of all three; a changed teacher or setting evaluates again.
+    """
+    import hashlib
+
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    def digest(path: Path) -> str | None:
+        return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
+
+    settings = {"teacher": digest(teacher_w), "classifier": digest(cache / f"classifier-{s.teacher.size}px.safetensors"), "samples": s.eval_samples, "steps": list(s.teacher_steps), "guidance": s.guidance, "seed": s.seed, "version": 1}
+    folder = cache / f"teacher-eval-{hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]}"
+    names = ["student_init", *(f"teacher_ddim{n}" for n in s.teacher_steps)]
+    pngs = {n: folder / f"{n}.png" for n in names}
+    done = folder / "results.json"
+    if done.is_file() and all(p.is_file() for p in pngs.values()):
+        return [ModelResult(**r) for r in json.loads(done.read_text())["rows"]], pngs
+    folder.mkdir(parents=True, exist_ok=True)
+    teacher = UNet2DConditionModel.from_config(digits_unet_config(s.teacher.size, s.teacher.width))
+    teacher.load_state_dict(load_file(teacher_w))
+    teacher.eval()
+    rows = []
+    stage("evaluate", 0, 1, "students at init")
+    x, ms = _one_step_samples(teacher, alphas, s.eval_samples, s.seed + 1, shape)
+    m = evaluate_samples(clf, x, _labels(len(x)), ref)
+    rows.append(ModelResult("student_init", "teacher", 1, m.fid, m.accuracy, ms))
+    save_grid(x[:100], pngs["student_init"], nrow=10)
+    for steps in s.teacher_steps:
+        stage("evaluate", 0, 1, f"teacher {steps} steps")
+        x, ms = _teacher_samples(teacher, sched_cfg, s.eval_samples, steps, s, shape)
+        m = evaluate_samples(clf, x, _labels(len(x)), ref)
+        rows.append(ModelResult(f"teacher_ddim{steps}", "teacher", steps, m.fid, m.accuracy, ms))
+        save_grid(x[:100], pngs[f"teacher_ddim{steps}"], nrow=10)
+    done.write_text(json.dumps({"settings": settings, "rows": [asdict(r) for r in rows]}, indent=2))
+    return rows, pngs
 
 
 def _jsonable(x: Any) -> Any:
