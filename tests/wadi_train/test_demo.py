@@ -32,3 +32,32 @@ def test_quick_demo_writes_every_artefact(tmp_path: Path) -> None:
     html = (out / "index.html").read_text()
     assert "lorad_fitted" in html and "data:image/png;base64" in html
     assert "report:" in res.output
+
+
+def test_rerun_reuses_students_and_the_teacher_evaluation(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A second run with the same settings retrains nothing and does not sample the teacher
+    again (its rows come from the cache); a changed evaluation setting samples it again."""
+    import wadi_train.demo.pipeline as pipeline
+    from wadi_train.demo.settings import QUICK
+
+    s = replace(QUICK, methods=("lorad_uniform",), eval_samples=60, teacher_steps=(1, 2))
+    out, cache = tmp_path / "digits", tmp_path / "cache"
+    first = pipeline.run_digits_demo(out, cache, s)
+    assert first["reused_runs"] == []
+
+    def no_teacher_sampling(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("the teacher was sampled again")
+
+    real = pipeline._teacher_samples
+    monkeypatch.setattr(pipeline, "_teacher_samples", no_teacher_sampling)
+    second = pipeline.run_digits_demo(out, cache, s)
+    assert set(second["reused_runs"]) == {"reference", "lorad_uniform"}
+    teacher_rows = [r for r in first["results"] if r["kind"] == "teacher"]
+    assert [r for r in second["results"] if r["kind"] == "teacher"] == teacher_rows
+    assert {r["name"] for r in teacher_rows} == {"student_init", "teacher_ddim1", "teacher_ddim2"}
+    assert all((out / second["grids"][r["name"]]).is_file() for r in teacher_rows)
+
+    calls: list[int] = []
+    monkeypatch.setattr(pipeline, "_teacher_samples", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    third = pipeline.run_digits_demo(out, cache, replace(s, teacher_steps=(1, 3)))
+    assert calls == [1, 3] and "teacher_ddim3" in {r["name"] for r in third["results"]}
