@@ -103,7 +103,7 @@ def largest_layer_mib(path: Path) -> float:
     return max(spans) / MIB
 
 
-def make_teacher(path: Path, scale: float, layers: int, seed: int) -> None:
+def make_teacher(path: Path, scale: float, seed: int, layers: int = SD15_LAYERS) -> None:
     """Random-init the U-Net from config and save it (the one step that holds a whole model)."""
     import torch
     from diffusers import UNet2DConditionModel
@@ -502,7 +502,7 @@ def cleanup(data: Path, models: list[tuple[float, int]]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.make_teacher:
-        make_teacher(args.make_teacher, args.scale, args.deep_layers, args.seed)
+        make_teacher(args.make_teacher, args.scale, args.seed, args.deep_layers)
     elif args.make_student:
         print(f"  student plant: {make_student(args.teacher, args.make_student, args.rank, args.seed)}", file=sys.stderr)
     elif args.mode:

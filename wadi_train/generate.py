@@ -30,6 +30,7 @@ __all__ = [
     "generate",
     "generate_from_prompts",
     "image_grid",
+    "load_class_generator",
     "load_export_pipeline",
     "load_exported",
     "one_step_images",
@@ -125,22 +126,34 @@ def _dtype(name: str | None, default: torch.dtype) -> torch.dtype:
     return getattr(torch, name)
 
 
+def load_class_generator(folder: str | Path, device: str = "cpu", dtype: str | None = None) -> tuple[Callable[[Tensor, Cond], Tensor], Any, dict[str, Any]]:
+    """An exported class-conditional student on `device`: (x0(noise, cond), its U-Net's config, export info).
+
+    x0 is the one-step generator: one model call on `noise` (moved to the device) with `cond`.
+    """
+    model, info, family = load_exported(folder)
+    model.to(device, _dtype(dtype, next(model.parameters()).dtype))
+    alphas = torch.tensor(info["alphas_cumprod"], dtype=torch.float32, device=device)
+    dt = next(model.parameters()).dtype
+
+    def x0(noise: Tensor, cond: Cond) -> Tensor:
+        cond = cond.to(device)
+        return one_step_x0(lambda x, t: denoise(model, family, x.to(dt), t, cond), noise.to(device), alphas, info["prediction_type"], info.get("generator_timestep"))
+
+    return x0, model.config, {**info, "family": family, "dtype": str(dt).removeprefix("torch.")}
+
+
 @torch.no_grad()
 def generate(folder: str | Path, classes: list[int] | None = None, n: int = 16, seed: int = 0, height: int | None = None, width: int | None = None, device: str = "cpu", dtype: str | None = None) -> Tensor:
     """One-step samples from an exported class-conditional student: (n, C, H, W) in [-1, 1]."""
-    model, info, family = load_exported(folder)
-    if info.get("conditioning") == "text":
+    if read_export_info(folder).get("conditioning") == "text":
         raise OptionError(f"{folder}: a text-conditioned export; give a prompt: `wadi-train generate {folder} --prompt 'a photo of a cat'`")
-    model.to(device, _dtype(dtype, next(model.parameters()).dtype))
-    alphas = torch.tensor(info["alphas_cumprod"], dtype=torch.float32, device=device)
-    c = model.config
+    x0, c, info = load_class_generator(folder, device, dtype)
     size = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
     gen = torch.Generator().manual_seed(seed)
     labels = torch.tensor([classes[i % len(classes)] for i in range(n)] if classes else torch.arange(n) % info.get("num_classes", 10))
-    noise = torch.randn(n, c.in_channels, height or size, width or size, generator=gen).to(device)
-    cond = Cond(class_labels=labels.to(device))
-    dt = next(model.parameters()).dtype
-    return one_step_x0(lambda x, t: denoise(model, family, x.to(dt), t, cond), noise, alphas, info["prediction_type"], info.get("generator_timestep"))
+    noise = torch.randn(n, c.in_channels, height or size, width or size, generator=gen)
+    return x0(noise, Cond(class_labels=labels))
 
 
 def _encode_sd(pipe: Any, prompts: list[str], device: torch.device) -> Cond:

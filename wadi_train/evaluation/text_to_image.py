@@ -22,8 +22,7 @@ import torch
 from torch import Tensor
 
 from wadi_train.evaluation.errors import EvaluationError
-from wadi_train.models import FAMILIES, Cond, denoise
-from wadi_train.one_step import one_step_x0
+from wadi_train.models import FAMILIES, Cond
 
 __all__ = ["OneStepSampler", "load_sampler", "sample_noise", "to_uint8"]
 
@@ -88,24 +87,13 @@ def _labels(prompts: list[str], num_classes: int) -> Tensor:
 
 
 def _class_sampler(folder: Path, device: str, dtype: str | None, resolution: int | None, seed: int) -> OneStepSampler:
-    from wadi_train.generate import load_exported
+    from wadi_train.generate import load_class_generator
 
-    model, info, family = load_exported(folder)
-    c: Any = model.config
-    model.to(device)
-    if dtype:
-        model.to(getattr(torch, dtype))
+    x0, c, info = load_class_generator(folder, device, dtype)
     size = resolution or (c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0])
-    alphas = torch.tensor(info["alphas_cumprod"], dtype=torch.float32, device=device)
     num_classes = int(info.get("num_classes", 10))
-    dt = next(model.parameters()).dtype
-
-    def x0(noise: Tensor, cond: Cond) -> Tensor:
-        cond = cond.to(device)
-        return one_step_x0(lambda x, t: denoise(model, family, x.to(dt), t, cond), noise.to(device), alphas, info["prediction_type"], info.get("generator_timestep"))
-
     return OneStepSampler(
-        conditioning="class", resolution=size, describe={"family": family, "conditioning": "class", "num_classes": num_classes, "dtype": str(dt).removeprefix("torch.")},
+        conditioning="class", resolution=size, describe={"family": info["family"], "conditioning": "class", "num_classes": num_classes, "dtype": info["dtype"]},
         _condition=lambda prompts: Cond(class_labels=_labels(prompts, num_classes)), _x0=x0,
         _noise_shape=(c.in_channels, size, size), _seed=seed,
     )
