@@ -28,7 +28,7 @@ from wadi_train.demo.settings import DemoSettings
 from wadi_train.demo.teacher import NUM_CLASSES, SCHEDULE, digits_unet_config, load_or_train_teacher
 from wadi_train.evaluation.digits import evaluate_samples, load_digits_split, load_or_train_classifier, reference_stats
 from wadi_train.export import export_run
-from wadi_train.generate import save_grid
+from wadi_train.generate import load_class_generator, save_grid
 from wadi_train.models import Cond, denoise
 from wadi_train.one_step import one_step_x0
 from wadi_train.sampling import ddim_sample
@@ -60,7 +60,7 @@ def _run_config(out: Path, teacher_w: Path, s: DemoSettings, name: str, adapter:
         "model": {"config": digits_unet_config(s.teacher.size, s.teacher.width), "weights": str(teacher_w), "num_classes": NUM_CLASSES, "scheduler": SCHEDULE},
         "adapter": adapter,
         "fake": {"rank": s.fake_rank, "steps_per_student_step": s.fake_steps},
-        "vsd": {"teacher_cfg": s.guidance, "fake_cfg": s.fake_guidance},
+        "vsd": {"teacher_cfg": s.guidance, "fake_cfg": s.fake_guidance, "generator_timestep": s.generator_timestep},
         "optim": {"student_lr": lr, "fake_lr": s.fake_lr, "warmup_steps": s.warmup_steps},
         "train": {"steps": steps, "batch_size": s.batch_size, "checkpoint_every": steps, "log_every": max(1, steps // 100), "ema_decay": None, "seed": s.seed, "device": "cpu"},
     }
@@ -84,23 +84,18 @@ def _distil(cfg: dict[str, Any], stage: Stage, label: str, reused: list[str]) ->
     return run / "export", seconds
 
 
-def _load_student(export: Path) -> nn.Module:
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel.from_pretrained(export / "model").eval()
-
-
 def _labels(n: int) -> torch.Tensor:
     return torch.arange(n) % NUM_CLASSES
 
 
 @torch.no_grad()
-def _one_step_samples(model: nn.Module, alphas: torch.Tensor, n: int, seed: int, shape: tuple[int, int, int]) -> tuple[torch.Tensor, float]:
+def _one_step_samples(x0: Callable[[torch.Tensor, Cond], torch.Tensor], n: int, seed: int, shape: tuple[int, int, int]) -> tuple[torch.Tensor, float]:
+    """n one-step samples x0(noise, cond), classes in turn, and the milliseconds per image."""
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn((n, *shape), generator=gen)
     cond = Cond(class_labels=_labels(n))
     start = time.perf_counter()
-    x = one_step_x0(lambda x, t: denoise(model, "unet2d_condition", x, t, cond), noise, alphas, "epsilon")
+    x = x0(noise, cond)
     return x.clamp(-1, 1), (time.perf_counter() - start) * 1000 / n
 
 
@@ -158,8 +153,8 @@ def run_digits_demo(out: Path, cache: Path, s: DemoSettings, retrain: bool = Fal
         adapter, lr = adapters[name]
         export, seconds = _distil(_run_config(out, teacher_w, s, name, adapter, s.student_steps, lr), stage, name, reused)
         stage("evaluate", 0, 1, name)
-        model = _load_student(export)
-        x, ms = _one_step_samples(model, alphas, s.eval_samples, s.seed + 1, shape)
+        x0, _, _ = load_class_generator(export)  # as a user gets it: the export and its record
+        x, ms = _one_step_samples(x0, s.eval_samples, s.seed + 1, shape)
         m = evaluate_samples(clf, x, _labels(len(x)), ref)
         params = _trainable(out / "runs" / name)
         results.append(ModelResult(name, "student", 1, m.fid, m.accuracy, ms, params, round(seconds, 1)))
@@ -190,7 +185,7 @@ def run_digits_demo(out: Path, cache: Path, s: DemoSettings, retrain: bool = Fal
 
 def _teacher_results(cache: Path, teacher_w: Path, s: DemoSettings, clf: nn.Module, ref: Any, alphas: torch.Tensor, sched_cfg: dict[str, Any], shape: tuple[int, int, int], stage: Stage) -> tuple[list[ModelResult], dict[str, Path]]:
     """Rows and grid PNGs of the teacher at `s.teacher_steps` DDIM steps and of `student_init`
-    (the teacher's unguided one-step output, where every student starts).
+    (the teacher's unguided one-step output at the generator timestep, where every student starts).
 
     They depend only on the teacher's weights, the classifier and the evaluation settings, so
     they are cached next to the teacher (a rerun spends its time on the students) under a key
@@ -204,7 +199,7 @@ def _teacher_results(cache: Path, teacher_w: Path, s: DemoSettings, clf: nn.Modu
     def digest(path: Path) -> str | None:
         return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
 
-    settings = {"teacher": digest(teacher_w), "classifier": digest(cache / f"classifier-{s.teacher.size}px.safetensors"), "samples": s.eval_samples, "steps": list(s.teacher_steps), "guidance": s.guidance, "seed": s.seed, "version": 1}
+    settings = {"teacher": digest(teacher_w), "classifier": digest(cache / f"classifier-{s.teacher.size}px.safetensors"), "samples": s.eval_samples, "steps": list(s.teacher_steps), "guidance": s.guidance, "generator_timestep": s.generator_timestep, "seed": s.seed, "version": 1}
     folder = cache / f"teacher-eval-{hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]}"
     names = ["student_init", *(f"teacher_ddim{n}" for n in s.teacher_steps)]
     pngs = {n: folder / f"{n}.png" for n in names}
@@ -217,7 +212,7 @@ def _teacher_results(cache: Path, teacher_w: Path, s: DemoSettings, clf: nn.Modu
     teacher.eval()
     rows = []
     stage("evaluate", 0, 1, "students at init")
-    x, ms = _one_step_samples(teacher, alphas, s.eval_samples, s.seed + 1, shape)
+    x, ms = _one_step_samples(lambda z, c: one_step_x0(lambda x, t: denoise(teacher, "unet2d_condition", x, t, c), z, alphas, "epsilon", s.generator_timestep), s.eval_samples, s.seed + 1, shape)
     m = evaluate_samples(clf, x, _labels(len(x)), ref)
     rows.append(ModelResult("student_init", "teacher", 1, m.fid, m.accuracy, ms))
     save_grid(x[:100], pngs["student_init"], nrow=10)
