@@ -9,8 +9,6 @@ model size.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import importlib.metadata
 import logging
 import math
@@ -32,6 +30,7 @@ from weightlens.align import AlignedKey, Alignment, AlignOptions, align_keys
 from weightlens.blocks import block_of, depth_key
 from weightlens.errors import OptionError
 from weightlens.io import CheckpointReader, open_checkpoint
+from weightlens.memory import heap_trimmer
 from weightlens.ranks import RankOptions, fit_ranks, module_name, parse_budget
 from weightlens.results import Alert, Analysis, LayerStats, LayerTable, Summary, VectorStats
 from weightlens.stats import CHUNK_ELEMENTS, MatrixStats, matrix_stats
@@ -130,22 +129,6 @@ def _results(pairs: list[AlignedKey], teacher: CheckpointReader, student: Checkp
         finally:
             for _, fut in pending:
                 fut.cancel()
-
-
-def _heap_trimmer() -> Callable[[], object]:
-    """glibc's `malloc_trim(0)`, or a no-op where the C library has none (macOS, musl).
-
-    Called after every layer: glibc raises its mmap threshold after the first large free, so
-    later Gram-sized buffers come from the heap, and the small objects a layer leaves behind
-    (its results) pin the holes they leave; resident memory then creeps up with the number of
-    layers (here +55 MiB over SD1.5's 282). Trimming returns the free pages to the system.
-    """
-    try:
-        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return lambda: None
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return lambda: trim(0)
 
 
 @contextmanager
@@ -327,7 +310,7 @@ def _analyse(alignment: Alignment, t_reader: CheckpointReader, s_reader: Checkpo
     vectors: list[VectorStats] = []
     theta_spec: dict[str, Any] = {}
     resid_spec: dict[str, Any] = {}
-    trim_heap = _heap_trimmer()
+    trim_heap = heap_trimmer()
     for done, (pair, result) in enumerate(_results(pairs, t_reader, s_reader, device, options), 1):
         if isinstance(result, VectorStats):
             vectors.append(result)
