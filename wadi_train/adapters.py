@@ -286,7 +286,7 @@ class FullRoles:
 
 
 def _fake_lorad(cfg: FakeScoreConfig) -> LoRaDConfig:
-    return LoRaDConfig(r=cfg.rank, target_modules=cfg.target_modules, allow_excess_rank=True)
+    return LoRaDConfig(r=cfg.rank, target_modules=cfg.target_modules, include_conv=cfg.include_conv, allow_excess_rank=True)
 
 
 def _linear_names(model: nn.Module, regex: str) -> list[str]:

@@ -213,12 +213,15 @@ def demo(
     cache: Annotated[Path, typer.Option(help="Cache for the teacher and the classifier")] = Path(".cache/wadi_train"),
     quick: Annotated[bool, typer.Option(help="A few steps of everything (CI, smoke test; under 3 minutes)")] = False,
     retrain: Annotated[bool, typer.Option(help="Retrain the cached teacher")] = False,
+    workers: Annotated[Optional[int], typer.Option(min=1, help="Runs trained side by side, in processes (default: one per core, at most 4)")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """The main job: digits teacher -> weightlens analysis -> one-step students -> evaluation."""
     from rich.table import Table
 
     from wadi_train.demo.pipeline import run_digits_demo
+    from dataclasses import replace
+
     from wadi_train.demo.settings import FULL, QUICK
 
     _setup(quiet)
@@ -233,7 +236,8 @@ def demo(
             bar.update(tasks[name], completed=done, total=total, description=note)
 
         with bar:
-            doc = run_digits_demo(output, cache, QUICK if quick else FULL, retrain=retrain, stage=stage)
+            settings = replace(QUICK if quick else FULL, workers=workers)
+            doc = run_digits_demo(output, cache, settings, retrain=retrain, stage=stage)
         table = Table("model", "steps", "FID", "accuracy", "ms/img", "params", title="digits: one-step students vs the teacher")
         for r in doc["results"]:
             table.add_row(r["name"], str(r["steps"]), f"{r['fid']:.3g}", f"{r['accuracy']:.1%}", f"{r['ms_per_image']:.3g}", f"{r['trainable_params']:,}" if r["trainable_params"] else "–")

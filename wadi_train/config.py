@@ -74,6 +74,7 @@ class FakeScoreConfig:
     target_modules: str = ATTENTION_FF
     uncond_dropout: float = 0.1
     steps_per_student_step: int = 1
+    include_conv: bool = False
 
 
 @dataclass
@@ -104,6 +105,8 @@ class OptimConfig:
     weight_decay: float = 0.0
     eps: float = 1e-8
     warmup_steps: int = 0
+    lr_schedule: str = "constant"
+    min_lr_ratio: float = 0.0
     grad_clip: float | None = 1.0
     use_8bit: bool = False
 
@@ -303,6 +306,11 @@ def validate(config: RunConfig, check_files: bool = True) -> list[str]:
         e.append(f"vsd.weighting = {v.weighting!r}: use one of {sorted(WEIGHTINGS)}")
     _range(e, "optim.student_lr", o.student_lr, 0)
     _range(e, "optim.fake_lr", o.fake_lr, 0)
+    from wadi_train.lr_schedule import LR_SCHEDULES
+
+    if o.lr_schedule not in LR_SCHEDULES:
+        e.append(f"optim.lr_schedule = {o.lr_schedule!r}: use one of {LR_SCHEDULES}")
+    _range(e, "optim.min_lr_ratio", o.min_lr_ratio, 0, 1)
     if len(o.betas) != 2:
         e.append(f"optim.betas = {o.betas}: give two numbers")
     if t.mixed_precision not in MIXED_PRECISION:

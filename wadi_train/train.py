@@ -32,6 +32,7 @@ from wadi_train.data import ClassSampler, ConditionSampler, TextSampler, encode_
 from wadi_train.ema import EMA
 from wadi_train.errors import ConfigError, TrainingError
 from wadi_train.losses import denoising_loss, vsd_student_loss
+from wadi_train.lr_schedule import lr_factor
 from wadi_train.models import Cond, Teacher, load_teacher
 from wadi_train.one_step import abar_at, add_noise, cfg, one_step_x0, sample_timesteps
 from wadi_train.regression import ODEPairs, make_ode_pairs, regression_loss
@@ -84,8 +85,8 @@ class Distiller:
                     m.enable_gradient_checkpointing()
         self.opt_s = self._optimizer(self.roles.student_parameters(), config.optim.student_lr)
         self.opt_f = self._optimizer(self.roles.fake_parameters(), config.optim.fake_lr)
-        warm = max(config.optim.warmup_steps, 0)
-        self.sched_s = torch.optim.lr_scheduler.LambdaLR(self.opt_s, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+        o = config.optim
+        self.sched_s = torch.optim.lr_scheduler.LambdaLR(self.opt_s, lambda s: lr_factor(s, max(o.warmup_steps, 0), config.train.steps, o.lr_schedule, o.min_lr_ratio))
         self.sched_f = torch.optim.lr_scheduler.LambdaLR(self.opt_f, lambda s: 1.0)
         self.opt_s, self.opt_f = accelerator.prepare(self.opt_s, self.opt_f)
         self.ema = EMA(self._student_named(), decay=config.train.ema_decay) if config.train.ema_decay else None

@@ -27,12 +27,11 @@ from wadi_train.config import from_dict
 from wadi_train.demo.settings import DemoSettings
 from wadi_train.demo.teacher import NUM_CLASSES, SCHEDULE, digits_unet_config, load_or_train_teacher
 from wadi_train.evaluation.digits import evaluate_samples, load_digits_split, load_or_train_classifier, reference_stats
-from wadi_train.export import export_run
+from wadi_train.demo.runs import Runs, default_workers
 from wadi_train.generate import load_class_generator, save_grid
 from wadi_train.models import Cond, denoise
 from wadi_train.one_step import one_step_x0
 from wadi_train.sampling import ddim_sample
-from wadi_train.train import train
 
 __all__ = ["Stage", "ModelResult", "run_digits_demo"]
 
@@ -66,24 +65,6 @@ def _run_config(out: Path, teacher_w: Path, s: DemoSettings, name: str, adapter:
     }
 
 
-def _distil(cfg: dict[str, Any], stage: Stage, label: str, reused: list[str]) -> tuple[Path, float]:
-    """Train (or reuse a finished run, noted in `reused`) and export; returns (export folder, training seconds)."""
-    config = from_dict(cfg)
-    run = Path(config.output_dir)
-    done_file = run / "done.json"
-    if done_file.is_file() and json.loads(done_file.read_text()).get("config") == cfg:
-        reused.append(label)
-        return run / "export", float(json.loads(done_file.read_text())["seconds"])
-    if run.exists():
-        shutil.rmtree(run)
-    start = time.perf_counter()
-    train(config, progress=lambda i, n, m: stage(label, i, n, f"student {m.get('loss_student', float('nan')):.4f}"))
-    seconds = time.perf_counter() - start
-    export_run(run, run / "export", overwrite=True)
-    done_file.write_text(json.dumps({"config": cfg, "seconds": seconds}))
-    return run / "export", seconds
-
-
 def _labels(n: int) -> torch.Tensor:
     return torch.arange(n) % NUM_CLASSES
 
@@ -113,9 +94,6 @@ def run_digits_demo(out: Path, cache: Path, s: DemoSettings, retrain: bool = Fal
     """Run the whole pipeline; writes everything under `out` and returns results.json's content."""
     from diffusers import DDPMScheduler
 
-    import weightlens
-    from weightlens.output import write_analysis
-
     stage = stage or (lambda *a: None)
     reused: list[str] = []  # runs trained by an earlier invocation with the same config
     out.mkdir(parents=True, exist_ok=True)
@@ -130,8 +108,44 @@ def run_digits_demo(out: Path, cache: Path, s: DemoSettings, retrain: bool = Fal
     sched = DDPMScheduler(num_train_timesteps=1000, **SCHEDULE)
     alphas = sched.alphas_cumprod.float()
 
+    with Runs(s.workers or default_workers(), stage, reused) as runs:
+        results, grids, analysis, uniform = _students(runs, out, teacher_w, s, clf, ref, shape)
+
+    # 5. the teacher at several DDIM step counts, and where every student starts (cached)
+    teacher_rows, teacher_grids = _teacher_results(cache, teacher_w, s, clf, ref, alphas, dict(sched.config), shape, stage)
+    results += teacher_rows
+    for name, png in teacher_grids.items():
+        shutil.copyfile(png, out / "grids" / f"{name}.png")
+        grids[name] = f"grids/{name}.png"
+
+    doc = {
+        "settings": _jsonable(asdict(s)), "teacher": tinfo, "budget_params": analysis.ranks.trainable_params,
+        "backbone_params": analysis.backbone_params, "uniform_ranks": uniform,
+        "reference_analysis": {"dir_to_norm_ratio": analysis.summary.dir_to_norm_ratio, "norm_rel_mean": analysis.summary.norm_rel_mean, "dir_mean": analysis.summary.dir_mean},
+        "results": [asdict(r) for r in results], "grids": grids, "seconds": round(time.perf_counter() - start, 1), "reused_runs": reused,
+    }
+    (out / "results.json").write_text(json.dumps(_jsonable(doc), indent=2))
+    from wadi_train.demo.report import write_demo_report
+
+    write_demo_report(out, doc)
+    return doc
+
+
+def _students(runs: Runs, out: Path, teacher_w: Path, s: DemoSettings, clf: nn.Module, ref: Any, shape: tuple[int, int, int]) -> tuple[list[ModelResult], dict[str, str], Any, dict[str, int]]:
+    """Steps 3 and 4: the reference, its analysis, and every student trained and evaluated.
+
+    Full fine-tuning needs nothing from the analysis, so it trains beside the reference; the
+    others start when the analysis has fixed their ranks. Returns the students' rows and grids,
+    the reference analysis and the uniform ranks.
+    """
+    import weightlens
+    from weightlens.output import write_analysis
+
     # 3. reference student and its weightlens analysis -> fitted ranks under the budget
-    ref_export, _ = _distil(_run_config(out, teacher_w, s, "reference-full", {"method": "full"}, s.reference_steps, s.full_lr), stage, "reference", reused)
+    runs.submit("reference", _run_config(out, teacher_w, s, "reference-full", {"method": "full"}, s.reference_steps, s.full_lr))
+    if "full" in s.methods:
+        runs.submit("full", _run_config(out, teacher_w, s, "full", {"method": "full"}, s.student_steps, s.full_lr))
+    ref_export, _ = runs.result("reference")
     analysis_dir = out / "weightlens" / "reference-full"
     analysis = weightlens.compare(teacher_w, ref_export / "model", weightlens.CompareOptions(budget=s.budget, timestamps=False))
     write_analysis(analysis, analysis_dir, overwrite=True, timestamp=False)
@@ -146,13 +160,16 @@ def run_digits_demo(out: Path, cache: Path, s: DemoSettings, retrain: bool = Fal
         "lora": ({"method": "lora", "rank": uniform["lora"]}, s.lora_lr),
         "full": ({"method": "full"}, s.full_lr),
     }
+    for name in s.methods:
+        if name != "full":
+            adapter, lr = adapters[name]
+            runs.submit(name, _run_config(out, teacher_w, s, name, adapter, s.student_steps, lr))
     results: list[ModelResult] = []
     grids: dict[str, str] = {}
     (out / "grids").mkdir(exist_ok=True)
     for name in s.methods:
-        adapter, lr = adapters[name]
-        export, seconds = _distil(_run_config(out, teacher_w, s, name, adapter, s.student_steps, lr), stage, name, reused)
-        stage("evaluate", 0, 1, name)
+        export, seconds = runs.result(name)
+        runs.stage("evaluate", 0, 1, name)
         x0, _, _ = load_class_generator(export)  # as a user gets it: the export and its record
         x, ms = _one_step_samples(x0, s.eval_samples, s.seed + 1, shape)
         m = evaluate_samples(clf, x, _labels(len(x)), ref)
@@ -161,26 +178,7 @@ def run_digits_demo(out: Path, cache: Path, s: DemoSettings, retrain: bool = Fal
         grids[name] = str(save_grid(x[:100], out / "grids" / f"{name}.png", nrow=10).relative_to(out))
         a = weightlens.compare(teacher_w, export / "model", weightlens.CompareOptions(budget=s.budget, timestamps=False))
         write_analysis(a, out / "weightlens" / name, overwrite=True, timestamp=False)
-
-    # 5. the teacher at several DDIM step counts, and where every student starts (cached)
-    teacher_rows, teacher_grids = _teacher_results(cache, teacher_w, s, clf, ref, alphas, dict(sched.config), shape, stage)
-    results += teacher_rows
-    (out / "grids").mkdir(exist_ok=True)
-    for name, png in teacher_grids.items():
-        shutil.copyfile(png, out / "grids" / f"{name}.png")
-        grids[name] = f"grids/{name}.png"
-
-    doc = {
-        "settings": _jsonable(asdict(s)), "teacher": tinfo, "budget_params": budget,
-        "backbone_params": analysis.backbone_params, "uniform_ranks": uniform,
-        "reference_analysis": {"dir_to_norm_ratio": analysis.summary.dir_to_norm_ratio, "norm_rel_mean": analysis.summary.norm_rel_mean, "dir_mean": analysis.summary.dir_mean},
-        "results": [asdict(r) for r in results], "grids": grids, "seconds": round(time.perf_counter() - start, 1), "reused_runs": reused,
-    }
-    (out / "results.json").write_text(json.dumps(_jsonable(doc), indent=2))
-    from wadi_train.demo.report import write_demo_report
-
-    write_demo_report(out, doc)
-    return doc
+    return results, grids, analysis, uniform
 
 
 def _teacher_results(cache: Path, teacher_w: Path, s: DemoSettings, clf: nn.Module, ref: Any, alphas: torch.Tensor, sched_cfg: dict[str, Any], shape: tuple[int, int, int], stage: Stage) -> tuple[list[ModelResult], dict[str, Path]]:

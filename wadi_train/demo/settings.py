@@ -38,6 +38,8 @@ class DemoSettings:
             score stands for the student's own distribution. With 1.5, as for the teacher,
             every student here ended worse than where it started (LoRaD, 150 steps: FID
             10.0 vs 7.3 with 1; see the README's digits section).
+        workers: processes that train the runs side by side (None: one per core, at most 4;
+            see wadi_train/demo/runs.py). Results do not depend on it beyond float rounding.
     """
 
     teacher: TeacherSettings = field(default_factory=TeacherSettings)
@@ -59,6 +61,7 @@ class DemoSettings:
     generator_timestep: int = 700
     seed: int = 0
     methods: tuple[str, ...] = METHODS
+    workers: int | None = None
 
 
 FULL = DemoSettings()
