@@ -95,6 +95,11 @@ class VSDConfig:
     regression_weight: float = 0.0
     regression_pairs: int = 1024
     regression_steps: int = 25
+    # Optional adversarial term (DMD2; wadi_train/gan.py): a head on the fake score's features at
+    # gan_feature_module tells noised real images (data.real_images) from noised student samples.
+    gan_weight: float = 0.0
+    gan_d_weight: float = 1e-2
+    gan_feature_module: str = "mid_block"
 
 
 @dataclass
@@ -141,6 +146,7 @@ class DataConfig:
     prompt_column: str = "text"
     resolution: int | None = None
     classes: list[int] | None = None
+    real_images: str | None = None
 
 
 @dataclass
@@ -298,6 +304,15 @@ def validate(config: RunConfig, check_files: bool = True) -> list[str]:
     if v.regression_weight > 0:
         _range(e, "vsd.regression_pairs", v.regression_pairs, 1)
         _range(e, "vsd.regression_steps", v.regression_steps, 1, m.num_train_timesteps)
+    _range(e, "vsd.gan_weight", v.gan_weight, 0)
+    _range(e, "vsd.gan_d_weight", v.gan_d_weight, 0)
+    if v.gan_weight > 0:
+        if not config.data.real_images:
+            e.append("vsd.gan_weight > 0: the adversarial term needs data.real_images (a safetensors file with 'images' (N, C, H, W) in the denoiser's space)")
+        elif not Path(config.data.real_images).is_file():
+            e.append(f"data.real_images = {config.data.real_images!r}: no such file")
+        if t.gradient_checkpointing:
+            e.append("vsd.gan_weight > 0 with train.gradient_checkpointing: not supported (the student's backward runs through the fake score); turn one off")
     if v.t_min > v.t_max or v.fake_t_min > v.fake_t_max:
         e.append("vsd: t_min must not exceed t_max (and fake_t_min not fake_t_max)")
     from wadi_train.losses import WEIGHTINGS

@@ -30,6 +30,7 @@ from wadi_train.checkpoint import capture_rng, latest_checkpoint, load_checkpoin
 from wadi_train.config import RunConfig, to_dict, validate
 from wadi_train.data import ClassSampler, ConditionSampler, TextSampler, encode_prompts, read_prompts
 from wadi_train.ema import EMA
+from wadi_train.gan import DiscriminatorHead, FeatureTap, RealImages, discriminator_loss, generator_loss
 from wadi_train.errors import ConfigError, TrainingError
 from wadi_train.losses import denoising_loss, vsd_student_loss
 from wadi_train.lr_schedule import lr_factor
@@ -40,7 +41,7 @@ from wadi_train.regression import ODEPairs, make_ode_pairs, regression_loss
 __all__ = ["TrainResult", "train", "run_dir_of", "Distiller"]
 
 log = logging.getLogger(__name__)
-METRICS = ("step", "loss_student", "loss_regression", "loss_fake", "grad_norm_student", "grad_norm_fake", "vsd_grad_norm", "lr_student", "lr_fake", "theta_abs_mean", "theta_abs_max", "nonfinite_skipped", "seconds")
+METRICS = ("step", "loss_student", "loss_regression", "loss_fake", "loss_gan_generator", "loss_gan_discriminator", "grad_norm_student", "grad_norm_fake", "vsd_grad_norm", "lr_student", "lr_fake", "theta_abs_mean", "theta_abs_max", "nonfinite_skipped", "seconds")
 
 
 @dataclass
@@ -83,14 +84,15 @@ class Distiller:
             for m in {id(x): x for x in (self.teacher.backbone, getattr(self.roles, "student", self.teacher.backbone))}.values():
                 if hasattr(m, "enable_gradient_checkpointing"):
                     m.enable_gradient_checkpointing()
+        self.sampler = _sampler(config, self.teacher, run_dir)
+        self.gan = self._discriminator() if config.vsd.gan_weight > 0 else None
         self.opt_s = self._optimizer(self.roles.student_parameters(), config.optim.student_lr)
-        self.opt_f = self._optimizer(self.roles.fake_parameters(), config.optim.fake_lr)
+        self.opt_f = self._optimizer(self._fake_parameters(), config.optim.fake_lr)
         o = config.optim
         self.sched_s = torch.optim.lr_scheduler.LambdaLR(self.opt_s, lambda s: lr_factor(s, max(o.warmup_steps, 0), config.train.steps, o.lr_schedule, o.min_lr_ratio))
         self.sched_f = torch.optim.lr_scheduler.LambdaLR(self.opt_f, lambda s: 1.0)
         self.opt_s, self.opt_f = accelerator.prepare(self.opt_s, self.opt_f)
         self.ema = EMA(self._student_named(), decay=config.train.ema_decay) if config.train.ema_decay else None
-        self.sampler = _sampler(config, self.teacher, run_dir)
         self.gen = torch.Generator().manual_seed(config.train.seed * 1000 + accelerator.process_index + 1)
         self.alphas = self.teacher.alphas_cumprod.to(accelerator.device)
         self.pairs = self._regression_pairs() if config.vsd.regression_weight > 0 else None
@@ -107,6 +109,41 @@ class Distiller:
             except ImportError:
                 log.warning("optim.use_8bit: bitsandbytes is not installed; using torch AdamW")
         return torch.optim.AdamW(params, lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)
+
+    def _discriminator(self) -> tuple[FeatureTap, DiscriminatorHead, RealImages]:
+        """The adversarial term's feature tap on the fake score, its head and the real images."""
+        c = self.config
+        real = RealImages(c.data.real_images, self.teacher.sample_shape, c.model.conditioning)  # type: ignore[arg-type]
+        tap = FeatureTap(self.teacher.backbone, c.vsd.gan_feature_module)
+        probe = torch.zeros((1, *self.teacher.sample_shape), device=self.acc.device)
+        with torch.no_grad():
+            self.roles.predict("fake", probe, torch.full((1,), 500, device=self.acc.device), self.sampler.uncond(1).to(self.acc.device))
+        features = tap.take()
+        channels = features.shape[1] if features.ndim == 4 else features.shape[-1]
+        head = DiscriminatorHead(channels).to(self.acc.device)
+        log.info("adversarial term: head on %s features %s, %d real images", c.vsd.gan_feature_module, tuple(features.shape[1:]), len(real.images))
+        return tap, head, real
+
+    def _fake_parameters(self) -> list[nn.Parameter]:
+        head = list(self.gan[1].parameters()) if self.gan else []
+        return self.roles.fake_parameters() + head
+
+    def _gan_logits(self, x0: Tensor, cond: Cond) -> Tensor:
+        """The discriminator's logits for x0 noised at a random timestep, through the fake score."""
+        tap, head, _ = self.gan  # type: ignore[misc]
+        v, b = self.config.vsd, x0.shape[0]
+        t = sample_timesteps(b, v.t_min, v.t_max, generator=self.gen).to(self.acc.device)
+        x_t = add_noise(x0, self._randn(tuple(x0.shape)), abar_at(self.alphas, t, x0.ndim))
+        with self.acc.autocast():
+            self.roles.predict("fake", x_t, t, cond)
+        return head(tap.take())
+
+    def _gan_cond(self, cond: Cond, n: int) -> Cond:
+        """What the discriminator conditions on: the class where the real images have labels,
+        else nothing (real images come without prompts)."""
+        if self.gan[2].labels is None:  # type: ignore[index]
+            return self.sampler.uncond(n).to(self.acc.device)
+        return cond.to(self.acc.device)
 
     def _student_named(self) -> dict[str, Tensor]:
         state = self.roles.student_state()
@@ -165,7 +202,7 @@ class Distiller:
         c, v = self.config, self.config.vsd
         b, accum = c.train.batch_size, c.train.grad_accum
         shape = (b, *self.teacher.sample_shape)
-        x0s, conds, s_losses, r_losses, vsd_norms = [], [], [], [], []
+        x0s, conds, s_losses, r_losses, g_losses, vsd_norms = [], [], [], [], [], []
         self.opt_s.zero_grad(set_to_none=True)
         for _ in range(accum):
             cond = self.sampler.sample(b, self.gen).to(self.acc.device)
@@ -188,6 +225,10 @@ class Distiller:
                 loss_r, _ = regression_loss(x0_all[b:], target_r)
                 loss = loss + v.regression_weight * loss_r
                 r_losses.append(float(loss_r.detach()))
+            if self.gan is not None:
+                loss_g = generator_loss(self._gan_logits(x0_hat, self._gan_cond(cond, b)))
+                loss = loss + v.gan_weight * loss_g
+                g_losses.append(float(loss_g.detach()))
             self.roles.activate("student")  # backward may recompute checkpointed student blocks
             self.acc.backward(loss / accum)
             vsd_norms.append(float(diag.get("grad_norm", math.nan)))
@@ -196,8 +237,8 @@ class Distiller:
         s_params = self.roles.student_parameters()
         self._reduce_grads(s_params)
         gn_s = self._clip(s_params)
-        f_losses, gn_f = [], 0.0
-        finite = all(math.isfinite(x) for x in s_losses + r_losses) and math.isfinite(gn_s)
+        f_losses, d_losses, gn_f = [], [], 0.0
+        finite = all(math.isfinite(x) for x in s_losses + r_losses + g_losses) and math.isfinite(gn_s)
         if finite:
             self.opt_s.step()
             self.sched_s.step()
@@ -216,9 +257,15 @@ class Distiller:
                 with self.acc.autocast():
                     pred = self.roles.predict("fake", add_noise(x0, noise, ab), t, cond_d)
                 loss_f, _ = denoising_loss(pred.float(), x0, noise, ab, self.teacher.prediction_type)
+                if self.gan is not None:
+                    real, labels = self.gan[2].sample(b, self.gen)
+                    real_cond = self._gan_cond(Cond(class_labels=labels), b)
+                    loss_d = discriminator_loss(self._gan_logits(real.to(self.acc.device), real_cond), self._gan_logits(x0, self._gan_cond(cond, b)))
+                    loss_f = loss_f + v.gan_d_weight * loss_d
+                    d_losses.append(float(loss_d.detach()))
                 self.acc.backward(loss_f / accum)
                 f_losses.append(float(loss_f.detach()))
-            f_params = self.roles.fake_parameters()
+            f_params = self._fake_parameters()
             self._reduce_grads(f_params)
             gn_f = self._clip(f_params)
             f_ok = all(math.isfinite(x) for x in f_losses) and math.isfinite(gn_f)
@@ -233,6 +280,7 @@ class Distiller:
         self.step += 1
         return {
             "loss_student": sum(s_losses) / len(s_losses), "loss_regression": sum(r_losses) / len(r_losses) if r_losses else math.nan, "loss_fake": sum(f_losses) / max(len(f_losses), 1),
+            "loss_gan_generator": sum(g_losses) / len(g_losses) if g_losses else math.nan, "loss_gan_discriminator": sum(d_losses) / len(d_losses) if d_losses else math.nan,
             "grad_norm_student": gn_s, "grad_norm_fake": gn_f, "vsd_grad_norm": sum(vsd_norms) / len(vsd_norms),
             "lr_student": self.sched_s.get_last_lr()[0], "lr_fake": self.sched_f.get_last_lr()[0],
             **self.theta_stats(), "finite": float(finite),
@@ -270,6 +318,8 @@ class Distiller:
         tensors = {"student": self.roles.student_state(), "fake": self.roles.fake_state()}
         if self.ema is not None:
             tensors["ema"] = {k: v for k, v in self.ema.state_dict()["shadow"].items()}
+        if self.gan is not None:
+            tensors["discriminator"] = {k: v.detach().clone() for k, v in self.gan[1].state_dict().items()}
         return save_checkpoint(
             self.run_dir, self.step, tensors=tensors,
             optimizers={"student": self.opt_s.state_dict(), "fake": self.opt_f.state_dict()},
@@ -282,6 +332,8 @@ class Distiller:
     def load(self, path: Path) -> None:
         ck = load_checkpoint(path)
         self.roles.load_states(ck.tensors["student"], ck.tensors["fake"])
+        if self.gan is not None:
+            self.gan[1].load_state_dict(ck.tensors["discriminator"])
         self.opt_s.load_state_dict(ck.optimizers["student"])
         self.opt_f.load_state_dict(ck.optimizers["fake"])
         self.sched_s.load_state_dict(ck.schedulers["student"])
