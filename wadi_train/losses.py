@@ -76,6 +76,12 @@ def _sqrt_one_minus_abar(abar: Tensor) -> Tensor:
     return (1 - abar).sqrt()
 
 
+# DMD's normalised weighting (Yin et al. 2024, eq. 8) needs the sample, not just abar: its x0-space
+# gradient (x0_fake - x0_real) / mean|x0_hat - x0_real| is, in eps form,
+# (eps_teacher - eps_fake) / mean|eps_teacher - noise| per sample (the sigma/alpha factors cancel).
+SAMPLE_WEIGHTINGS = ("dmd",)
+
+
 def get_weighting(name: str) -> Weighting:
     """Look up a registered weighting.
 
@@ -90,7 +96,7 @@ def get_weighting(name: str) -> Weighting:
     """
     if name not in WEIGHTINGS:
         raise ValueError(
-            f"unknown weighting {name!r}; expected one of {', '.join(map(repr, sorted(WEIGHTINGS)))}"
+            f"unknown weighting {name!r}; expected one of {', '.join(map(repr, sorted([*WEIGHTINGS, *SAMPLE_WEIGHTINGS])))}"
             " (add one with @register_weighting)"
         )
     return WEIGHTINGS[name]
@@ -109,6 +115,7 @@ def vsd_student_loss(
     eps_fake: Tensor,
     abar: Tensor,
     weighting: str = "one_minus_abar",
+    noise: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """VSD loss of the one-step student (SwiftBrush/WaDi surrogate form).
 
@@ -124,7 +131,9 @@ def vsd_student_loss(
             Must not require grad: compute it under ``torch.no_grad()``.
         eps_fake: Fake score's eps at the same x_t, same shape, also without grad.
         abar: abar_t, a scalar or (B, 1, ..., 1) (see ``one_step.abar_at``).
-        weighting: Name of a registered weighting (``WEIGHTINGS``).
+        weighting: Name of a registered weighting (``WEIGHTINGS``) or ``dmd``: DMD's
+            normalised weighting, 1 / mean|eps_teacher - noise| per sample.
+        noise: The noise that made x_t (needed by ``dmd`` only).
 
     Returns:
         The scalar float32 loss and diagnostics: ``loss``, ``grad_norm`` (mean over the batch
@@ -134,7 +143,15 @@ def vsd_student_loss(
     Raises:
         ValueError: For an unknown weighting, mismatched shapes, or eps inputs that require grad.
     """
-    weight_fn = get_weighting(weighting)
+    if weighting in SAMPLE_WEIGHTINGS:
+        if noise is None:
+            raise ValueError(f"weighting {weighting!r} needs the noise that made x_t (noise=...)")
+        _check_same_shape(noise=noise, eps_teacher=eps_teacher)
+        dims = tuple(range(1, eps_teacher.ndim))
+        scale = (eps_teacher.float() - noise.float()).abs().mean(dim=dims, keepdim=True).clamp_min(1e-6)
+        weight_fn = lambda _abar: 1 / scale  # noqa: E731
+    else:
+        weight_fn = get_weighting(weighting)
     _check_same_shape(x0_hat=x0_hat, eps_teacher=eps_teacher, eps_fake=eps_fake)
     for name, eps in (("eps_teacher", eps_teacher), ("eps_fake", eps_fake)):
         if eps.requires_grad:

@@ -215,11 +215,12 @@ class Distiller:
                 x0_all = self.generate(z_all, cond_all).float()
                 x0_hat = x0_all[:b]
                 t = sample_timesteps(b, v.t_min, v.t_max, generator=self.gen).to(self.acc.device)
-                x_t = add_noise(x0_hat.detach(), self._randn(shape), abar_at(self.alphas, t, len(shape)))
+                vsd_noise = self._randn(shape)
+                x_t = add_noise(x0_hat.detach(), vsd_noise, abar_at(self.alphas, t, len(shape)))
                 with torch.no_grad():
                     eps_t = self._cfg_eps("teacher", x_t, t, cond, v.teacher_cfg)
                     eps_f = self._cfg_eps("fake", x_t, t, cond, v.fake_cfg)
-            loss, diag = vsd_student_loss(x0_hat, eps_t, eps_f, abar_at(self.alphas, t, len(shape)), v.weighting)
+            loss, diag = vsd_student_loss(x0_hat, eps_t, eps_f, abar_at(self.alphas, t, len(shape)), v.weighting, vsd_noise)
             s_losses.append(float(loss.detach()))
             if self.pairs is not None:
                 loss_r, _ = regression_loss(x0_all[b:], target_r)

@@ -67,7 +67,7 @@ def test_register_weighting_adds_and_rejects_duplicates() -> None:
 
 def test_unknown_weighting_names_the_valid_ones() -> None:
     x0_hat, eps_t, eps_f, abar = _inputs()
-    with pytest.raises(ValueError, match="'constant', 'one_minus_abar', 'sqrt_one_minus_abar'"):
+    with pytest.raises(ValueError, match="'constant', 'dmd', 'one_minus_abar', 'sqrt_one_minus_abar'"):
         vsd_student_loss(x0_hat, eps_t, eps_f, abar, weighting="snr")
 
 
@@ -92,6 +92,30 @@ def test_vsd_gradient_is_weighted_score_difference(weighting: str) -> None:
     assert diag["grad_norm"] == pytest.approx(per_sample.mean(), rel=1e-5)
     assert diag["weight_mean"] == pytest.approx(NP_WEIGHTS[weighting](a).mean(), rel=1e-6)
     assert diag["grad_nonfinite"] == 0
+
+
+def test_dmd_weighting_normalises_each_sample_in_x0_space() -> None:
+    """DMD (Yin et al. 2024, eq. 8) in x0 space: (x0_fake - x0_real) / mean|x0_hat - x0_real|
+    with x0_e = (x_t - sigma eps_e) / alpha, computed here from x_t; the surrogate's gradient
+    must be that divided by numel."""
+    x0_hat, eps_t, eps_f, abar = _inputs(2)
+    noise = torch.randn(x0_hat.shape, generator=torch.Generator().manual_seed(9))
+    x0_hat.requires_grad_(True)
+    loss, diag = vsd_student_loss(x0_hat, eps_t, eps_f, abar, weighting="dmd", noise=noise)
+    loss.backward()
+
+    a, x0, n = abar.double().numpy(), x0_hat.detach().double().numpy(), noise.double().numpy()
+    alpha, sigma = np.sqrt(a), np.sqrt(1 - a)
+    x_t = alpha * x0 + sigma * n
+    x0_real = (x_t - sigma * eps_t.double().numpy()) / alpha
+    x0_fake = (x_t - sigma * eps_f.double().numpy()) / alpha
+    norm = np.abs(x0 - x0_real).mean(axis=(1, 2, 3), keepdims=True)
+    grad_x0 = (x0_fake - x0_real) / norm
+    assert x0_hat.grad is not None
+    np.testing.assert_allclose(x0_hat.grad.numpy(), grad_x0 / grad_x0.size, rtol=1e-4, atol=1e-9)
+    assert diag["weight_mean"] > 0
+    with pytest.raises(ValueError, match="needs the noise"):
+        vsd_student_loss(x0_hat, eps_t, eps_f, abar, weighting="dmd")
 
 
 def test_vsd_default_weighting_is_one_minus_abar() -> None:

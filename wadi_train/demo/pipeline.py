@@ -23,11 +23,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from wadi_train.config import from_dict
+from wadi_train.config import BLOCK_LINEARS
 from wadi_train.demo.settings import DemoSettings
 from wadi_train.demo.teacher import NUM_CLASSES, SCHEDULE, digits_unet_config, load_or_train_teacher
-from wadi_train.evaluation.digits import evaluate_samples, load_digits_split, load_or_train_classifier, reference_stats
 from wadi_train.demo.runs import Runs, default_workers
+from wadi_train.evaluation.digits import DigitsSplit, evaluate_samples, load_digits_split, load_or_train_classifier, reference_stats
 from wadi_train.generate import load_class_generator, save_grid
 from wadi_train.models import Cond, denoise
 from wadi_train.one_step import one_step_x0
@@ -53,13 +53,24 @@ class ModelResult:
     train_seconds: float | None = None
 
 
-def _run_config(out: Path, teacher_w: Path, s: DemoSettings, name: str, adapter: dict[str, Any], steps: int, lr: float) -> dict[str, Any]:
+def _run_config(out: Path, teacher_w: Path, s: DemoSettings, name: str, adapter: dict[str, Any], steps: int, lr: float, real_images: Path | None = None) -> dict[str, Any]:
+    fake: dict[str, Any] = {"rank": s.fake_rank, "steps_per_student_step": s.fake_steps}
+    if s.fake_include_conv:
+        fake.update(include_conv=True, target_modules=BLOCK_LINEARS)
+    vsd: dict[str, Any] = {"teacher_cfg": s.guidance, "fake_cfg": s.fake_guidance, "generator_timestep": s.generator_timestep}
+    data: dict[str, Any] = {}
+    if s.gan_weight > 0:
+        if real_images is None:
+            raise ValueError("gan_weight > 0 needs the real images file")
+        vsd["gan_weight"] = s.gan_weight
+        data["real_images"] = str(real_images)
     return {
         "name": name, "output_dir": str(out / "runs" / name),
         "model": {"config": digits_unet_config(s.teacher.size, s.teacher.width), "weights": str(teacher_w), "num_classes": NUM_CLASSES, "scheduler": SCHEDULE},
         "adapter": adapter,
-        "fake": {"rank": s.fake_rank, "steps_per_student_step": s.fake_steps},
-        "vsd": {"teacher_cfg": s.guidance, "fake_cfg": s.fake_guidance, "generator_timestep": s.generator_timestep},
+        "fake": fake,
+        "vsd": vsd,
+        "data": data,
         "optim": {"student_lr": lr, "fake_lr": s.fake_lr, "warmup_steps": s.warmup_steps},
         "train": {"steps": steps, "batch_size": s.batch_size, "checkpoint_every": steps, "log_every": max(1, steps // 100), "ema_decay": None, "seed": s.seed, "device": "cpu"},
     }
@@ -108,8 +119,9 @@ def run_digits_demo(out: Path, cache: Path, s: DemoSettings, retrain: bool = Fal
     sched = DDPMScheduler(num_train_timesteps=1000, **SCHEDULE)
     alphas = sched.alphas_cumprod.float()
 
+    real = _real_images(cache, split) if s.gan_weight > 0 else None
     with Runs(s.workers or default_workers(), stage, reused) as runs:
-        results, grids, analysis, uniform = _students(runs, out, teacher_w, s, clf, ref, shape)
+        results, grids, analysis, uniform = _students(runs, out, teacher_w, s, clf, ref, shape, real)
 
     # 5. the teacher at several DDIM step counts, and where every student starts (cached)
     teacher_rows, teacher_grids = _teacher_results(cache, teacher_w, s, clf, ref, alphas, dict(sched.config), shape, stage)
@@ -131,7 +143,16 @@ def run_digits_demo(out: Path, cache: Path, s: DemoSettings, retrain: bool = Fal
     return doc
 
 
-def _students(runs: Runs, out: Path, teacher_w: Path, s: DemoSettings, clf: nn.Module, ref: Any, shape: tuple[int, int, int]) -> tuple[list[ModelResult], dict[str, str], Any, dict[str, int]]:
+def _real_images(cache: Path, split: DigitsSplit) -> Path:
+    """The training split as the adversarial term's real images (data.real_images)."""
+    from safetensors.torch import save_file
+
+    path = cache / f"digits-train-{split.x_train.shape[-1]}px.safetensors"
+    save_file({"images": split.x_train.contiguous(), "class_labels": split.y_train.contiguous()}, path)
+    return path
+
+
+def _students(runs: Runs, out: Path, teacher_w: Path, s: DemoSettings, clf: nn.Module, ref: Any, shape: tuple[int, int, int], real: Path | None) -> tuple[list[ModelResult], dict[str, str], Any, dict[str, int]]:
     """Steps 3 and 4: the reference, its analysis, and every student trained and evaluated.
 
     Full fine-tuning needs nothing from the analysis, so it trains beside the reference; the
@@ -142,9 +163,9 @@ def _students(runs: Runs, out: Path, teacher_w: Path, s: DemoSettings, clf: nn.M
     from weightlens.output import write_analysis
 
     # 3. reference student and its weightlens analysis -> fitted ranks under the budget
-    runs.submit("reference", _run_config(out, teacher_w, s, "reference-full", {"method": "full"}, s.reference_steps, s.full_lr))
+    runs.submit("reference", _run_config(out, teacher_w, s, "reference-full", {"method": "full"}, s.reference_steps, s.full_lr, real))
     if "full" in s.methods:
-        runs.submit("full", _run_config(out, teacher_w, s, "full", {"method": "full"}, s.student_steps, s.full_lr))
+        runs.submit("full", _run_config(out, teacher_w, s, "full", {"method": "full"}, s.student_steps, s.full_lr, real))
     ref_export, _ = runs.result("reference")
     analysis_dir = out / "weightlens" / "reference-full"
     analysis = weightlens.compare(teacher_w, ref_export / "model", weightlens.CompareOptions(budget=s.budget, timestamps=False))
@@ -163,7 +184,7 @@ def _students(runs: Runs, out: Path, teacher_w: Path, s: DemoSettings, clf: nn.M
     for name in s.methods:
         if name != "full":
             adapter, lr = adapters[name]
-            runs.submit(name, _run_config(out, teacher_w, s, name, adapter, s.student_steps, lr))
+            runs.submit(name, _run_config(out, teacher_w, s, name, adapter, s.student_steps, lr, real))
     results: list[ModelResult] = []
     grids: dict[str, str] = {}
     (out / "grids").mkdir(exist_ok=True)
@@ -241,7 +262,6 @@ def _uniform_ranks(teacher_w: Path, s: DemoSettings, budget: int) -> dict[str, i
     """Uniform LoRaD and LoRA ranks over the block Linears that spend about `budget`."""
     from diffusers import UNet2DConditionModel
 
-    from wadi_train.config import BLOCK_LINEARS
     import re
 
     with torch.device("meta"):

@@ -53,6 +53,8 @@ class DemoSettings:
     fake_lr: float = 1e-2
     fake_rank: int = 32
     fake_steps: int = 2
+    fake_include_conv: bool = False
+    gan_weight: float = 0.0
     eval_samples: int = 2000
     teacher_steps: tuple[int, ...] = (1, 4, 50)
     budget: str = "10%"
