@@ -289,11 +289,13 @@ def _fake_lorad(cfg: FakeScoreConfig) -> LoRaDConfig:
     return LoRaDConfig(r=cfg.rank, target_modules=cfg.target_modules, include_conv=cfg.include_conv, allow_excess_rank=True)
 
 
-def _linear_names(model: nn.Module, regex: str) -> list[str]:
-    """Linear modules whose full name matches `regex` (LoRaD's targets, for PEFT baselines)."""
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and re.fullmatch(regex, n)]
+def _linear_names(model: nn.Module, regex: str, convs: bool = False) -> list[str]:
+    """Linear (and with `convs`, Conv2d) modules whose full name matches `regex` (LoRaD's
+    targets, for PEFT baselines)."""
+    kinds = (nn.Linear, nn.Conv2d) if convs else (nn.Linear,)
+    names = [n for n, m in model.named_modules() if isinstance(m, kinds) and re.fullmatch(regex, n)]
     if not names:
-        raise ConfigError(f"target_modules {regex!r} matched no nn.Linear module")
+        raise ConfigError(f"target_modules {regex!r} matched no {' or '.join(k.__name__ for k in kinds)} module")
     return names
 
 
@@ -389,7 +391,7 @@ def build_roles(teacher: Teacher, adapter: AdapterConfig, fake: FakeScoreConfig)
                 rank_pattern = {re.escape(k): int(v) for k, v in (peft_lora.get("rank_pattern") or ranks["rank_pattern"]).items()}
                 targets = list(rank_pattern and peft_lora.get("target_modules") or ranks["target_modules"])
             targets = targets or _linear_names(teacher.backbone, adapter.target_modules)
-            fake_targets = _linear_names(teacher.backbone, fake.target_modules)
+            fake_targets = _linear_names(teacher.backbone, fake.target_modules, fake.include_conv)
             return PeftRoles(teacher, adapter.method).setup(_peft_config(adapter, dora, rank_pattern, targets), _peft_config(fake, False, None, fake_targets))
         if adapter.method == "full":
             return FullRoles(teacher).setup(_fake_lorad(fake))

@@ -100,6 +100,7 @@ class VSDConfig:
     gan_weight: float = 0.0
     gan_d_weight: float = 1e-2
     gan_feature_module: str = "mid_block"
+    gan_t_max: int | None = None  # timesteps of the adversarial term: [t_min, gan_t_max or t_max]
 
 
 @dataclass
@@ -306,6 +307,7 @@ def validate(config: RunConfig, check_files: bool = True) -> list[str]:
         _range(e, "vsd.regression_steps", v.regression_steps, 1, m.num_train_timesteps)
     _range(e, "vsd.gan_weight", v.gan_weight, 0)
     _range(e, "vsd.gan_d_weight", v.gan_d_weight, 0)
+    _range(e, "vsd.gan_t_max", v.gan_t_max, v.t_min, m.num_train_timesteps - 1)
     if v.gan_weight > 0:
         if not config.data.real_images:
             e.append("vsd.gan_weight > 0: the adversarial term needs data.real_images (a safetensors file with 'images' (N, C, H, W) in the denoiser's space)")

@@ -132,7 +132,7 @@ class Distiller:
         """The discriminator's logits for x0 noised at a random timestep, through the fake score."""
         tap, head, _ = self.gan  # type: ignore[misc]
         v, b = self.config.vsd, x0.shape[0]
-        t = sample_timesteps(b, v.t_min, v.t_max, generator=self.gen).to(self.acc.device)
+        t = sample_timesteps(b, v.t_min, v.gan_t_max or v.t_max, generator=self.gen).to(self.acc.device)
         x_t = add_noise(x0, self._randn(tuple(x0.shape)), abar_at(self.alphas, t, x0.ndim))
         with self.acc.autocast():
             self.roles.predict("fake", x_t, t, cond)

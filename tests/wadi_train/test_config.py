@@ -134,6 +134,7 @@ def test_sd15_student_at_rank_256_has_the_papers_size(tmp_path: Path) -> None:
         ("data.classes=[1, 2, 10]", "data.classes: [10] outside [0, model.num_classes = 10)"),
         ("optim.lr_schedule=linear", "optim.lr_schedule = 'linear'"),
         ("optim.min_lr_ratio=1.5", "optim.min_lr_ratio = 1.5"),
+        ("vsd.gan_t_max=5", "vsd.gan_t_max = 5"),
     ],
 )
 def test_validate_catches_what_would_fail_during_training(override: str, fragment: str, tmp_path: Path, tiny_teacher: Path) -> None:

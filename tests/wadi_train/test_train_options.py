@@ -57,3 +57,19 @@ def test_read_prompts_formats(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="column"):
         read_prompts(tmp_path / "p.csv", column="text")
+
+
+@pytest.mark.parametrize("method", ["lorad", "lora", "full"])
+def test_fake_score_reaches_the_convs_with_include_conv(method: str, tmp_path: Path, tiny_teacher: Path) -> None:
+    from wadi_train.adapters import build_roles
+    from wadi_train.config import BLOCK_LINEARS
+    from wadi_train.models import load_teacher
+
+    def fake_names(include_conv: bool) -> list[str]:
+        fake = {"rank": 2, "include_conv": include_conv, "target_modules": BLOCK_LINEARS}
+        cfg = from_dict(tiny_config(tmp_path, tiny_teacher, adapter={"method": method, "rank": 2}, fake=fake))
+        return list(build_roles(load_teacher(cfg.model, "cpu"), cfg.adapter, cfg.fake).fake_state())
+
+    with_convs, without = fake_names(True), fake_names(False)
+    assert any(".conv1." in n for n in with_convs), with_convs[:5]
+    assert not any(".conv1." in n for n in without) and len(without) < len(with_convs)
