@@ -71,7 +71,7 @@ def _run_config(out: Path, teacher_w: Path, s: DemoSettings, name: str, adapter:
         "fake": fake,
         "vsd": vsd,
         "data": data,
-        "optim": {"student_lr": lr, "fake_lr": s.fake_lr, "warmup_steps": s.warmup_steps},
+        "optim": {"student_lr": lr, "fake_lr": s.lora_fake_lr if adapter["method"] == "lora" else s.fake_lr, "warmup_steps": s.warmup_steps},
         "train": {"steps": steps, "batch_size": s.batch_size, "checkpoint_every": steps, "log_every": max(1, steps // 100), "ema_decay": None, "seed": s.seed, "device": "cpu"},
     }
 
