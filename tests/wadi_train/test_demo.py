@@ -7,6 +7,7 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from wadi_train.cli import app
@@ -61,3 +62,34 @@ def test_rerun_reuses_students_and_the_teacher_evaluation(tmp_path: Path, monkey
     monkeypatch.setattr(pipeline, "_teacher_samples", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
     third = pipeline.run_digits_demo(out, cache, replace(s, teacher_steps=(1, 3)))
     assert calls == [1, 3] and "teacher_ddim3" in {r["name"] for r in third["results"]}
+
+
+def test_run_configs_match_configs_digits_yaml_and_give_lora_its_fake_lr(tmp_path: Path) -> None:
+    """configs/digits.yaml documents the demo's LoRaD student: every fake/vsd/optim/train
+    setting it names must be what the demo's own run config uses; the LoRA student's fake
+    score gets lora_fake_lr; the adversarial term brings the real images."""
+    import yaml
+
+    from wadi_train.demo.pipeline import _run_config
+    from wadi_train.demo.settings import FULL
+
+    s = FULL
+    lorad = _run_config(tmp_path, tmp_path / "t.safetensors", s, "lorad", {"method": "lorad", "rank": 8}, s.student_steps, s.student_lr)
+    yaml_cfg = yaml.safe_load((Path(__file__).parents[2] / "configs" / "digits.yaml").read_text())
+    for section in ("fake", "vsd", "optim"):
+        for key, value in yaml_cfg[section].items():
+            if key != "method":
+                assert lorad[section][key] == value, (section, key)
+    for key in ("steps", "batch_size", "seed"):
+        assert lorad["train"][key] == yaml_cfg["train"][key], key
+    assert yaml_cfg["model"]["config"] == lorad["model"]["config"]
+
+    lora = _run_config(tmp_path, tmp_path / "t.safetensors", s, "lora", {"method": "lora", "rank": 12}, s.student_steps, s.lora_lr)
+    assert lora["optim"]["fake_lr"] == s.lora_fake_lr != s.fake_lr == lorad["optim"]["fake_lr"]
+    assert lora["fake"] == lorad["fake"] and lora["optim"]["student_lr"] == s.lora_lr
+
+    gan = replace(s, gan_weight=0.01)
+    with_gan = _run_config(tmp_path, tmp_path / "t.safetensors", gan, "lorad", {"method": "lorad"}, 4, 1e-3, tmp_path / "real.safetensors")
+    assert with_gan["vsd"]["gan_weight"] == 0.01 and with_gan["data"]["real_images"] == str(tmp_path / "real.safetensors")
+    with pytest.raises(ValueError, match="real images"):
+        _run_config(tmp_path, tmp_path / "t.safetensors", gan, "lorad", {"method": "lorad"}, 4, 1e-3)
