@@ -57,3 +57,11 @@ def test_one_worker_trains_in_this_process(tmp_path: Path, tiny_teacher: Path) -
 
 def test_default_workers() -> None:
     assert [default_workers(c) for c in (1, 2, 3, 16)] == [1, 2, 3, 4]
+
+
+def test_default_workers_without_sched_getaffinity(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)  # macOS, Windows
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    assert default_workers() == 3

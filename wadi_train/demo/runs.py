@@ -32,10 +32,17 @@ __all__ = ["Runs", "default_workers"]
 _progress: Any = None  # the worker's progress queue (set by _init_worker)
 
 
+def _cpus() -> int:
+    """Cores this process may use (sched_getaffinity is Linux-only; elsewhere all of them)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 def default_workers(cpus: int | None = None) -> int:
     """Processes for the demo's runs: one per core, at most 4 (the demo trains at most 4 at once)."""
-    cpus = cpus or len(os.sched_getaffinity(0))
-    return max(1, min(cpus, 4))
+    return max(1, min(cpus or _cpus(), 4))
 
 
 def _init_worker(progress: Any, threads: int) -> None:
@@ -86,7 +93,7 @@ class Runs:
         if self._pool is None:
             ctx = mp.get_context("spawn")
             self._queue = ctx.Queue()
-            threads = max(1, len(os.sched_getaffinity(0)) // self.workers)
+            threads = max(1, _cpus() // self.workers)
             self._pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker, initargs=(self._queue, threads))
         return self._pool
 
