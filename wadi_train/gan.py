@@ -14,6 +14,7 @@ for a latent one), in a safetensors file with ``images`` (N, C, H, W) and, for a
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 
 from wadi_train.errors import ConfigError
 
-__all__ = ["DiscriminatorHead", "FeatureTap", "RealImages", "discriminator_loss", "generator_loss"]
+__all__ = ["Adversary", "DiscriminatorHead", "FeatureTap", "RealImages", "discriminator_loss", "generator_loss"]
 
 
 class FeatureTap:
@@ -98,3 +99,12 @@ class RealImages:
         """n images (and their labels, or None) drawn uniformly with replacement."""
         idx = torch.randint(len(self.images), (n,), generator=generator)
         return self.images[idx], None if self.labels is None else self.labels[idx].long()
+
+
+@dataclass
+class Adversary:
+    """What a run with the adversarial term holds: the tap on the fake score, the head, the real images."""
+
+    tap: FeatureTap
+    head: DiscriminatorHead
+    real: RealImages

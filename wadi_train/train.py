@@ -30,8 +30,8 @@ from wadi_train.checkpoint import capture_rng, latest_checkpoint, load_checkpoin
 from wadi_train.config import RunConfig, to_dict, validate
 from wadi_train.data import ClassSampler, ConditionSampler, TextSampler, encode_prompts, read_prompts
 from wadi_train.ema import EMA
-from wadi_train.gan import DiscriminatorHead, FeatureTap, RealImages, discriminator_loss, generator_loss
 from wadi_train.errors import ConfigError, TrainingError
+from wadi_train.gan import Adversary, DiscriminatorHead, FeatureTap, RealImages, discriminator_loss, generator_loss
 from wadi_train.losses import denoising_loss, vsd_student_loss
 from wadi_train.lr_schedule import lr_factor
 from wadi_train.models import Cond, Teacher, load_teacher
@@ -110,7 +110,7 @@ class Distiller:
                 log.warning("optim.use_8bit: bitsandbytes is not installed; using torch AdamW")
         return torch.optim.AdamW(params, lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)
 
-    def _discriminator(self) -> tuple[FeatureTap, DiscriminatorHead, RealImages]:
+    def _discriminator(self) -> Adversary:
         """The adversarial term's feature tap on the fake score, its head and the real images."""
         c = self.config
         real = RealImages(c.data.real_images, self.teacher.sample_shape, c.model.conditioning)  # type: ignore[arg-type]
@@ -122,26 +122,26 @@ class Distiller:
         channels = features.shape[1] if features.ndim == 4 else features.shape[-1]
         head = DiscriminatorHead(channels).to(self.acc.device)
         log.info("adversarial term: head on %s features %s, %d real images", c.vsd.gan_feature_module, tuple(features.shape[1:]), len(real.images))
-        return tap, head, real
+        return Adversary(tap, head, real)
 
     def _fake_parameters(self) -> list[nn.Parameter]:
-        head = list(self.gan[1].parameters()) if self.gan else []
+        head = list(self.gan.head.parameters()) if self.gan else []
         return self.roles.fake_parameters() + head
 
     def _gan_logits(self, x0: Tensor, cond: Cond) -> Tensor:
         """The discriminator's logits for x0 noised at a random timestep, through the fake score."""
-        tap, head, _ = self.gan  # type: ignore[misc]
+        assert self.gan is not None
         v, b = self.config.vsd, x0.shape[0]
         t = sample_timesteps(b, v.t_min, v.gan_t_max or v.t_max, generator=self.gen).to(self.acc.device)
         x_t = add_noise(x0, self._randn(tuple(x0.shape)), abar_at(self.alphas, t, x0.ndim))
         with self.acc.autocast():
             self.roles.predict("fake", x_t, t, cond)
-        return head(tap.take())
+        return self.gan.head(self.gan.tap.take())
 
     def _gan_cond(self, cond: Cond, n: int) -> Cond:
         """What the discriminator conditions on: the class where the real images have labels,
         else nothing (real images come without prompts)."""
-        if self.gan[2].labels is None:  # type: ignore[index]
+        if self.gan is None or self.gan.real.labels is None:
             return self.sampler.uncond(n).to(self.acc.device)
         return cond.to(self.acc.device)
 
@@ -258,18 +258,18 @@ class Distiller:
                 with self.acc.autocast():
                     pred = self.roles.predict("fake", add_noise(x0, noise, ab), t, cond_d)
                 loss_f, _ = denoising_loss(pred.float(), x0, noise, ab, self.teacher.prediction_type)
+                f_losses.append(float(loss_f.detach()))  # the denoising loss alone, comparable across runs
                 if self.gan is not None:
-                    real, labels = self.gan[2].sample(b, self.gen)
+                    real, labels = self.gan.real.sample(b, self.gen)
                     real_cond = self._gan_cond(Cond(class_labels=labels), b)
                     loss_d = discriminator_loss(self._gan_logits(real.to(self.acc.device), real_cond), self._gan_logits(x0, self._gan_cond(cond, b)))
                     loss_f = loss_f + v.gan_d_weight * loss_d
                     d_losses.append(float(loss_d.detach()))
                 self.acc.backward(loss_f / accum)
-                f_losses.append(float(loss_f.detach()))
             f_params = self._fake_parameters()
             self._reduce_grads(f_params)
             gn_f = self._clip(f_params)
-            f_ok = all(math.isfinite(x) for x in f_losses) and math.isfinite(gn_f)
+            f_ok = all(math.isfinite(x) for x in f_losses + d_losses) and math.isfinite(gn_f)
             finite = finite and f_ok
             if f_ok:
                 self.opt_f.step()
@@ -320,7 +320,7 @@ class Distiller:
         if self.ema is not None:
             tensors["ema"] = {k: v for k, v in self.ema.state_dict()["shadow"].items()}
         if self.gan is not None:
-            tensors["discriminator"] = {k: v.detach().clone() for k, v in self.gan[1].state_dict().items()}
+            tensors["discriminator"] = {k: v.detach().clone() for k, v in self.gan.head.state_dict().items()}
         return save_checkpoint(
             self.run_dir, self.step, tensors=tensors,
             optimizers={"student": self.opt_s.state_dict(), "fake": self.opt_f.state_dict()},
@@ -334,7 +334,7 @@ class Distiller:
         ck = load_checkpoint(path)
         self.roles.load_states(ck.tensors["student"], ck.tensors["fake"])
         if self.gan is not None:
-            self.gan[1].load_state_dict(ck.tensors["discriminator"])
+            self.gan.head.load_state_dict(ck.tensors["discriminator"])
         self.opt_s.load_state_dict(ck.optimizers["student"])
         self.opt_f.load_state_dict(ck.optimizers["fake"])
         self.sched_s.load_state_dict(ck.schedulers["student"])
