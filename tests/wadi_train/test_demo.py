@@ -88,8 +88,18 @@ def test_run_configs_match_configs_digits_yaml_and_give_lora_its_fake_lr(tmp_pat
     assert lora["optim"]["fake_lr"] == s.lora_fake_lr != s.fake_lr == lorad["optim"]["fake_lr"]
     assert lora["fake"] == lorad["fake"] and lora["optim"]["student_lr"] == s.lora_lr
 
-    gan = replace(s, gan_weight=0.01)
-    with_gan = _run_config(tmp_path, tmp_path / "t.safetensors", gan, "lorad", {"method": "lorad"}, 4, 1e-3, tmp_path / "real.safetensors")
-    assert with_gan["vsd"]["gan_weight"] == 0.01 and with_gan["data"]["real_images"] == str(tmp_path / "real.safetensors")
+    from wadi_train.demo.settings import LONG
+
+    with_gan = _run_config(tmp_path, tmp_path / "t.safetensors", LONG, "lorad", {"method": "lorad"}, LONG.student_steps, 1e-3, tmp_path / "real.safetensors")
+    assert with_gan["vsd"]["gan_weight"] == LONG.gan_weight > 0 and with_gan["vsd"]["gan_t_max"] == LONG.gan_t_max
+    assert with_gan["data"]["real_images"] == str(tmp_path / "real.safetensors")
+    assert "gan_t_max" not in lorad["vsd"] and lorad["data"] == {}  # the default run configs are unchanged
+    gan = LONG
     with pytest.raises(ValueError, match="real images"):
         _run_config(tmp_path, tmp_path / "t.safetensors", gan, "lorad", {"method": "lorad"}, 4, 1e-3)
+
+
+def test_quick_and_long_exclude_each_other(tmp_path: Path) -> None:
+    res = CliRunner().invoke(app, ["demo", "--quick", "--long", "-o", str(tmp_path / "out"), "-q"])
+    assert res.exit_code != 0 and "exclude each other" in res.output
+    assert not (tmp_path / "out").exists()

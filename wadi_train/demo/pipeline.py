@@ -62,7 +62,7 @@ def _run_config(out: Path, teacher_w: Path, s: DemoSettings, name: str, adapter:
     if s.gan_weight > 0:
         if real_images is None:
             raise ValueError("gan_weight > 0 needs the real images file")
-        vsd["gan_weight"] = s.gan_weight
+        vsd.update(gan_weight=s.gan_weight, gan_t_max=s.gan_t_max)
         data["real_images"] = str(real_images)
     return {
         "name": name, "output_dir": str(out / "runs" / name),
