@@ -218,11 +218,11 @@ def demo(
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """The main job: digits teacher -> weightlens analysis -> one-step students -> evaluation."""
+    from dataclasses import replace
+
     from rich.table import Table
 
     from wadi_train.demo.pipeline import run_digits_demo
-    from dataclasses import replace
-
     from wadi_train.demo.settings import FULL, LONG, QUICK
 
     _setup(quiet)

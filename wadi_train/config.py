@@ -317,10 +317,10 @@ def validate(config: RunConfig, check_files: bool = True) -> list[str]:
             e.append("vsd.gan_weight > 0 with train.gradient_checkpointing: not supported (the student's backward runs through the fake score); turn one off")
     if v.t_min > v.t_max or v.fake_t_min > v.fake_t_max:
         e.append("vsd: t_min must not exceed t_max (and fake_t_min not fake_t_max)")
-    from wadi_train.losses import SAMPLE_WEIGHTINGS, WEIGHTINGS
+    from wadi_train.losses import weighting_names
 
-    if v.weighting not in WEIGHTINGS and v.weighting not in SAMPLE_WEIGHTINGS:
-        e.append(f"vsd.weighting = {v.weighting!r}: use one of {sorted([*WEIGHTINGS, *SAMPLE_WEIGHTINGS])}")
+    if v.weighting not in weighting_names():
+        e.append(f"vsd.weighting = {v.weighting!r}: use one of {weighting_names()}")
     _range(e, "optim.student_lr", o.student_lr, 0)
     _range(e, "optim.fake_lr", o.fake_lr, 0)
     from wadi_train.lr_schedule import LR_SCHEDULES

@@ -27,6 +27,7 @@ __all__ = [
     "get_weighting",
     "register_weighting",
     "vsd_student_loss",
+    "weighting_names",
 ]
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,11 @@ def _sqrt_one_minus_abar(abar: Tensor) -> Tensor:
 SAMPLE_WEIGHTINGS = ("dmd",)
 
 
+def weighting_names() -> list[str]:
+    """Every name `vsd_student_loss` accepts: the registry's and the sample weightings, sorted."""
+    return sorted([*WEIGHTINGS, *SAMPLE_WEIGHTINGS])
+
+
 def get_weighting(name: str) -> Weighting:
     """Look up a registered weighting.
 
@@ -96,7 +102,7 @@ def get_weighting(name: str) -> Weighting:
     """
     if name not in WEIGHTINGS:
         raise ValueError(
-            f"unknown weighting {name!r}; expected one of {', '.join(map(repr, sorted([*WEIGHTINGS, *SAMPLE_WEIGHTINGS])))}"
+            f"unknown weighting {name!r}; expected one of {', '.join(map(repr, weighting_names()))}"
             " (add one with @register_weighting)"
         )
     return WEIGHTINGS[name]

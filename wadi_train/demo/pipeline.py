@@ -163,9 +163,10 @@ def _students(runs: Runs, out: Path, teacher_w: Path, s: DemoSettings, clf: nn.M
     from weightlens.output import write_analysis
 
     # 3. reference student and its weightlens analysis -> fitted ranks under the budget
-    runs.submit("reference", _run_config(out, teacher_w, s, "reference-full", {"method": "full"}, s.reference_steps, s.full_lr, real))
+    full = {"method": "full"}
+    runs.submit("reference", _run_config(out, teacher_w, s, "reference-full", full, s.reference_steps, s.full_lr, real))
     if "full" in s.methods:
-        runs.submit("full", _run_config(out, teacher_w, s, "full", {"method": "full"}, s.student_steps, s.full_lr, real))
+        runs.submit("full", _run_config(out, teacher_w, s, "full", full, s.student_steps, s.full_lr, real))
     ref_export, _ = runs.result("reference")
     analysis_dir = out / "weightlens" / "reference-full"
     analysis = weightlens.compare(teacher_w, ref_export / "model", weightlens.CompareOptions(budget=s.budget, timestamps=False))
@@ -179,10 +180,9 @@ def _students(runs: Runs, out: Path, teacher_w: Path, s: DemoSettings, clf: nn.M
         "lorad_fitted": ({"method": "lorad", "ranks_file": str(ranks_file)}, s.student_lr),
         "lorad_uniform": ({"method": "lorad", "rank": uniform["lorad"]}, s.student_lr),
         "lora": ({"method": "lora", "rank": uniform["lora"]}, s.lora_lr),
-        "full": ({"method": "full"}, s.full_lr),
     }
     for name in s.methods:
-        if name != "full":
+        if name in adapters:  # full fine-tuning is already training
             adapter, lr = adapters[name]
             runs.submit(name, _run_config(out, teacher_w, s, name, adapter, s.student_steps, lr, real))
     results: list[ModelResult] = []

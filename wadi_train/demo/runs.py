@@ -102,9 +102,10 @@ class Runs:
         run = Path(cfg["output_dir"])
         self._exports[label] = run / "export"
         done_file = run / "done.json"
-        if done_file.is_file() and json.loads(done_file.read_text()).get("config") == cfg:
+        done = json.loads(done_file.read_text()) if done_file.is_file() else {}
+        if done.get("config") == cfg:
             self.reused.append(label)
-            self._done[label] = float(json.loads(done_file.read_text())["seconds"])
+            self._done[label] = float(done["seconds"])
         elif self.workers == 1:
             self._done[label] = _train_and_export(cfg, label, self.stage)
         else:
