@@ -14,6 +14,8 @@ for a latent one), in a safetensors file with ``images`` (N, C, H, W) and, for a
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,23 +29,49 @@ from wadi_train.errors import ConfigError
 __all__ = ["Adversary", "DiscriminatorHead", "FeatureTap", "RealImages", "discriminator_loss", "generator_loss"]
 
 
+class _StopForward(Exception):
+    """Raised by an armed FeatureTap to end a forward at the tapped module."""
+
+
 class FeatureTap:
-    """Keeps the output of one sub-module from the latest forward (a forward hook)."""
+    """Records the output of one sub-module during a `capture` block (a forward hook).
+
+    Outside `capture` the hook does nothing, so the teacher's and the student's forwards
+    through the same backbone leave no features behind. With ``stop`` (the default) the
+    forward ends at the tapped module: the discriminator reads nothing after it, so the
+    layers after it are not run (for the U-Net's mid_block, the whole up path).
+    """
 
     def __init__(self, model: nn.Module, name: str):
         modules = dict(model.named_modules())
         if name not in modules:
             raise ConfigError(f"vsd.gan_feature_module = {name!r} is not a module of the denoiser; e.g. 'mid_block' (U-Net) or 'transformer_blocks.13' (PixArt)")
         self.features: Tensor | None = None
+        self._armed = self._stop = False
         self._handle = modules[name].register_forward_hook(self._keep)
 
     def _keep(self, module: nn.Module, args: Any, output: Any) -> None:
+        if not self._armed:
+            return
         self.features = output[0] if isinstance(output, tuple) else output
+        if self._stop:
+            raise _StopForward
+
+    @contextlib.contextmanager
+    def capture(self, stop: bool = True) -> Iterator["FeatureTap"]:
+        """Record the tapped output of the forward run in this block (and end it there with `stop`)."""
+        self._armed, self._stop = True, stop
+        try:
+            yield self
+        except _StopForward:
+            pass
+        finally:
+            self._armed = self._stop = False
 
     def take(self) -> Tensor:
-        """The features of the latest forward (each forward's are taken once)."""
+        """The features of the latest captured forward (each forward's are taken once)."""
         if self.features is None:
-            raise RuntimeError("no features captured: run the fake score forward first")
+            raise RuntimeError("no features captured: run the fake score forward inside `capture()` first")
         features, self.features = self.features, None
         return features
 

@@ -116,7 +116,7 @@ class Distiller:
         real = RealImages(c.data.real_images, self.teacher.sample_shape, c.model.conditioning)  # type: ignore[arg-type]
         tap = FeatureTap(self.teacher.backbone, c.vsd.gan_feature_module)
         probe = torch.zeros((1, *self.teacher.sample_shape), device=self.acc.device)
-        with torch.no_grad():
+        with torch.no_grad(), tap.capture():
             self.roles.predict("fake", probe, torch.full((1,), 500, device=self.acc.device), self.sampler.uncond(1).to(self.acc.device))
         features = tap.take()
         channels = features.shape[1] if features.ndim == 4 else features.shape[-1]
@@ -128,15 +128,15 @@ class Distiller:
         head = list(self.gan.head.parameters()) if self.gan else []
         return self.roles.fake_parameters() + head
 
-    def _gan_logits(self, x0: Tensor, cond: Cond) -> Tensor:
-        """The discriminator's logits for x0 noised at a random timestep, through the fake score."""
+    def _gan_features(self, x0: Tensor, cond: Cond) -> Tensor:
+        """The fake score's features for x0 noised at a random timestep (the forward ends at the tap)."""
         assert self.gan is not None
         v, b = self.config.vsd, x0.shape[0]
         t = sample_timesteps(b, v.t_min, v.gan_t_max or v.t_max, generator=self.gen).to(self.acc.device)
         x_t = add_noise(x0, self._randn(tuple(x0.shape)), abar_at(self.alphas, t, x0.ndim))
-        with self.acc.autocast():
+        with self.acc.autocast(), self.gan.tap.capture():
             self.roles.predict("fake", x_t, t, cond)
-        return self.gan.head(self.gan.tap.take())
+        return self.gan.tap.take()
 
     def _gan_cond(self, cond: Cond, n: int) -> Cond:
         """What the discriminator conditions on: the class where the real images have labels,
@@ -203,6 +203,8 @@ class Distiller:
         b, accum = c.train.batch_size, c.train.grad_accum
         shape = (b, *self.teacher.sample_shape)
         x0s, conds, s_losses, r_losses, g_losses, vsd_norms = [], [], [], [], [], []
+        gan_features: list[Tensor] = []  # the student samples' features, reused by the discriminator
+        s_params = self.roles.student_parameters()
         self.opt_s.zero_grad(set_to_none=True)
         for _ in range(accum):
             cond = self.sampler.sample(b, self.gen).to(self.acc.device)
@@ -227,18 +229,21 @@ class Distiller:
                 loss = loss + v.regression_weight * loss_r
                 r_losses.append(float(loss_r.detach()))
             if self.gan is not None:
-                loss_g = generator_loss(self._gan_logits(x0_hat, self._gan_cond(cond, b)))
+                gan_features.append(self._gan_features(x0_hat, self._gan_cond(cond, b)))
+                loss_g = generator_loss(self.gan.head(gan_features[-1]))
                 loss = loss + v.gan_weight * loss_g
                 g_losses.append(float(loss_g.detach()))
             self.roles.activate("student")  # backward may recompute checkpointed student blocks
-            self.acc.backward(loss / accum)
+            # With the adversarial term the loss also reaches the fake score: `inputs` keeps its
+            # weight gradients out of this backward, and the graph stays for the discriminator.
+            self.acc.backward(loss / accum, **({"inputs": s_params, "retain_graph": True} if self.gan else {}))
             vsd_norms.append(float(diag.get("grad_norm", math.nan)))
             x0s.append(x0_hat.detach())
             conds.append(cond)
-        s_params = self.roles.student_parameters()
         self._reduce_grads(s_params)
         gn_s = self._clip(s_params)
         f_losses, d_losses, gn_f = [], [], 0.0
+        f_params = self._fake_parameters()
         finite = all(math.isfinite(x) for x in s_losses + r_losses + g_losses) and math.isfinite(gn_s)
         if finite:
             self.opt_s.step()
@@ -247,9 +252,9 @@ class Distiller:
             # fp16: the grad scaler skips an overflowing step itself, then lowers its scale; its
             # step()/update() must run, or the next unscale_ fails ("already been called")
             self.opt_s.step()
-        for _ in range(c.fake.steps_per_student_step):
+        for k in range(c.fake.steps_per_student_step):
             self.opt_f.zero_grad(set_to_none=True)
-            for x0, cond in zip(x0s, conds):
+            for i, (x0, cond) in enumerate(zip(x0s, conds)):
                 drop = torch.rand(b, generator=self.gen).to(self.acc.device) < c.fake.uncond_dropout
                 cond_d = cond.where(drop, self.sampler.uncond(b).to(self.acc.device))
                 t = sample_timesteps(b, v.fake_t_min, v.fake_t_max, generator=self.gen).to(self.acc.device)
@@ -262,11 +267,14 @@ class Distiller:
                 if self.gan is not None:
                     real, labels = self.gan.real.sample(b, self.gen)
                     real_cond = self._gan_cond(Cond(class_labels=labels), b)
-                    loss_d = discriminator_loss(self._gan_logits(real.to(self.acc.device), real_cond), self._gan_logits(x0, self._gan_cond(cond, b)))
+                    real_logits = self.gan.head(self._gan_features(real.to(self.acc.device), real_cond))
+                    # The first update reads the features of the student's update (same samples,
+                    # the fake score unchanged since); later ones need a new forward.
+                    fake_features = gan_features[i] if k == 0 else self._gan_features(x0, self._gan_cond(cond, b))
+                    loss_d = discriminator_loss(real_logits, self.gan.head(fake_features))
                     loss_f = loss_f + v.gan_d_weight * loss_d
                     d_losses.append(float(loss_d.detach()))
-                self.acc.backward(loss_f / accum)
-            f_params = self._fake_parameters()
+                self.acc.backward(loss_f / accum, **({"inputs": f_params} if self.gan else {}))
             self._reduce_grads(f_params)
             gn_f = self._clip(f_params)
             f_ok = all(math.isfinite(x) for x in f_losses + d_losses) and math.isfinite(gn_f)

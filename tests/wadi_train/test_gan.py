@@ -46,19 +46,43 @@ def test_head_reads_maps_and_tokens_alike() -> None:
     np.testing.assert_allclose(head(maps).detach().numpy(), want, rtol=1e-5, atol=1e-6)
 
 
-def test_tap_keeps_the_named_output_once() -> None:
+def test_tap_keeps_the_named_output_once_and_only_when_capturing() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
     tap = FeatureTap(model, "1")
     x = torch.randn(5, 3)
-    model(x)
+    model(x)  # not capturing: a teacher or student forward through the same backbone
+    assert tap.features is None
+    with tap.capture(stop=False):
+        out = model(x)
+    assert out.shape == (5, 2)
     torch.testing.assert_close(tap.take(), torch.relu(model[0](x)))
     with pytest.raises(RuntimeError, match="no features captured"):
         tap.take()
     tap.remove()
-    model(x)
+    with tap.capture():
+        model(x)
     assert tap.features is None
     with pytest.raises(ConfigError, match="'mid_block' .*not a module"):
         FeatureTap(model, "mid_block")
+
+
+def test_tap_ends_the_forward_at_the_tapped_module() -> None:
+    ran: list[str] = []
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    model[2].register_forward_hook(lambda *a: ran.append("after"))
+    tap = FeatureTap(model, "1")
+    x = torch.randn(5, 3, requires_grad=True)
+    with tap.capture():
+        model(x)
+        ran.append("unreachable")  # the forward raised inside the block, which ends it
+    assert ran == []
+    features = tap.take()
+    torch.testing.assert_close(features, torch.relu(model[0](x)))
+    features.sum().backward()  # the graph up to the tap is intact
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    with tap.capture():  # a later capture works again
+        model(x)
+    assert tap.take().shape == (5, 4)
 
 
 def test_real_images_are_checked(tmp_path: Path) -> None:
