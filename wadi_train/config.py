@@ -75,6 +75,11 @@ class FakeScoreConfig:
     uncond_dropout: float = 0.1
     steps_per_student_step: int = 1
     include_conv: bool = False
+    # The first fake update learns from the VSD forward itself: the fake score's prediction at
+    # the VSD's noised samples (taken before the update) is both VSD's eps_fake and, with grad,
+    # the denoising prediction of the update. One fake forward less per step; the update then
+    # sees the VSD's timesteps and noise and no condition dropout (needs vsd.fake_cfg = 1).
+    reuse_vsd_forward: bool = False
 
 
 @dataclass
@@ -296,6 +301,8 @@ def validate(config: RunConfig, check_files: bool = True) -> list[str]:
     for where, rank in (("adapter.rank", a.rank), ("fake.rank", f.rank)):
         _range(e, where, rank, 1)
     _range(e, "fake.uncond_dropout", f.uncond_dropout, 0, 1)
+    if f.reuse_vsd_forward and config.vsd.fake_cfg != 1.0:
+        e.append(f"fake.reuse_vsd_forward needs vsd.fake_cfg = 1 (got {config.vsd.fake_cfg}): the shared forward is conditional only, so the fake score never learns the unconditional branch CFG reads")
     _range(e, "vsd.t_min", v.t_min, 0, m.num_train_timesteps - 1)
     _range(e, "vsd.t_max", v.t_max, 0, m.num_train_timesteps - 1)
     _range(e, "vsd.fake_t_min", v.fake_t_min, 0, m.num_train_timesteps - 1)

@@ -35,7 +35,7 @@ from wadi_train.gan import Adversary, DiscriminatorHead, FeatureTap, RealImages,
 from wadi_train.losses import denoising_loss, vsd_student_loss
 from wadi_train.lr_schedule import lr_factor
 from wadi_train.models import Cond, Teacher, load_teacher
-from wadi_train.one_step import abar_at, add_noise, cfg, one_step_x0, sample_timesteps
+from wadi_train.one_step import abar_at, add_noise, cfg, eps_from_prediction, one_step_x0, sample_timesteps
 from wadi_train.regression import ODEPairs, make_ode_pairs, regression_loss
 
 __all__ = ["TrainResult", "train", "run_dir_of", "Distiller"]
@@ -166,8 +166,6 @@ class Distiller:
         return torch.randn(shape, generator=self.gen).to(self.acc.device)
 
     def _cfg_eps(self, role: str, x_t: Tensor, t: Tensor, cond: Cond, scale: float) -> Tensor:
-        from wadi_train.one_step import eps_from_prediction
-
         b = x_t.shape[0]
         ab = abar_at(self.alphas, t, x_t.ndim)
         if scale == 1.0:
@@ -204,6 +202,7 @@ class Distiller:
         shape = (b, *self.teacher.sample_shape)
         x0s, conds, s_losses, r_losses, g_losses, vsd_norms = [], [], [], [], [], []
         gan_features: list[Tensor] = []  # the student samples' features, reused by the discriminator
+        shared: list[tuple[Tensor, Tensor, Tensor]] = []  # fake.reuse_vsd_forward: (pred, noise, abar)
         s_params = self.roles.student_parameters()
         self.opt_s.zero_grad(set_to_none=True)
         for _ in range(accum):
@@ -221,7 +220,13 @@ class Distiller:
                 x_t = add_noise(x0_hat.detach(), vsd_noise, abar_at(self.alphas, t, len(shape)))
                 with torch.no_grad():
                     eps_t = self._cfg_eps("teacher", x_t, t, cond, v.teacher_cfg)
-                    eps_f = self._cfg_eps("fake", x_t, t, cond, v.fake_cfg)
+                    if not c.fake.reuse_vsd_forward:
+                        eps_f = self._cfg_eps("fake", x_t, t, cond, v.fake_cfg)
+                if c.fake.reuse_vsd_forward:  # one fake forward, with grad, for VSD and the update
+                    pred_f = self.roles.predict("fake", x_t, t, cond).float()
+                    ab = abar_at(self.alphas, t, len(shape))
+                    eps_f = eps_from_prediction(pred_f.detach(), x_t.float(), ab, self.teacher.prediction_type)
+                    shared.append((pred_f, vsd_noise, ab))
             loss, diag = vsd_student_loss(x0_hat, eps_t, eps_f, abar_at(self.alphas, t, len(shape)), v.weighting, vsd_noise)
             s_losses.append(float(loss.detach()))
             if self.pairs is not None:
@@ -255,13 +260,16 @@ class Distiller:
         for k in range(c.fake.steps_per_student_step):
             self.opt_f.zero_grad(set_to_none=True)
             for i, (x0, cond) in enumerate(zip(x0s, conds)):
-                drop = torch.rand(b, generator=self.gen).to(self.acc.device) < c.fake.uncond_dropout
-                cond_d = cond.where(drop, self.sampler.uncond(b).to(self.acc.device))
-                t = sample_timesteps(b, v.fake_t_min, v.fake_t_max, generator=self.gen).to(self.acc.device)
-                noise = self._randn(shape)
-                ab = abar_at(self.alphas, t, len(shape))
-                with self.acc.autocast():
-                    pred = self.roles.predict("fake", add_noise(x0, noise, ab), t, cond_d)
+                if k == 0 and shared:
+                    pred, noise, ab = shared[i]
+                else:
+                    drop = torch.rand(b, generator=self.gen).to(self.acc.device) < c.fake.uncond_dropout
+                    cond_d = cond.where(drop, self.sampler.uncond(b).to(self.acc.device))
+                    t = sample_timesteps(b, v.fake_t_min, v.fake_t_max, generator=self.gen).to(self.acc.device)
+                    noise = self._randn(shape)
+                    ab = abar_at(self.alphas, t, len(shape))
+                    with self.acc.autocast():
+                        pred = self.roles.predict("fake", add_noise(x0, noise, ab), t, cond_d)
                 loss_f, _ = denoising_loss(pred.float(), x0, noise, ab, self.teacher.prediction_type)
                 f_losses.append(float(loss_f.detach()))  # the denoising loss alone, comparable across runs
                 if self.gan is not None:
@@ -274,7 +282,7 @@ class Distiller:
                     loss_d = discriminator_loss(real_logits, self.gan.head(fake_features))
                     loss_f = loss_f + v.gan_d_weight * loss_d
                     d_losses.append(float(loss_d.detach()))
-                self.acc.backward(loss_f / accum, **({"inputs": f_params} if self.gan else {}))
+                self.acc.backward(loss_f / accum, **({"inputs": f_params} if self.gan or shared else {}))
             self._reduce_grads(f_params)
             gn_f = self._clip(f_params)
             f_ok = all(math.isfinite(x) for x in f_losses + d_losses) and math.isfinite(gn_f)

@@ -73,3 +73,46 @@ def test_fake_score_reaches_the_convs_with_include_conv(method: str, tmp_path: P
     with_convs, without = fake_names(True), fake_names(False)
     assert any(".conv1." in n for n in with_convs), with_convs[:5]
     assert not any(".conv1." in n for n in without) and len(without) < len(with_convs)
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_reuse_vsd_forward_trains_the_fake_score_on_vsds_own_prediction(reuse: bool, tmp_path: Path, tiny_teacher: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With fake.reuse_vsd_forward the fake score runs once per step, at VSD's timesteps, and
+    its logged denoising loss is exactly the MSE of the eps_fake VSD used against VSD's noise."""
+    seen: dict[str, torch.Tensor] = {}
+    real_loss = train_mod.vsd_student_loss
+
+    def spy(x0_hat, eps_t, eps_f, abar, weighting, noise):  # type: ignore[no-untyped-def]
+        seen.update(eps_f=eps_f.detach().clone(), noise=noise.detach().clone())
+        return real_loss(x0_hat, eps_t, eps_f, abar, weighting, noise)
+
+    monkeypatch.setattr(train_mod, "vsd_student_loss", spy)
+    cfg = from_dict(tiny_config(tmp_path, tiny_teacher, fake={"rank": 2, "reuse_vsd_forward": reuse}, vsd={"fake_cfg": 1.0, "t_min": 500, "t_max": 500, "fake_t_min": 3, "fake_t_max": 3}, train={"steps": 1, "ema_decay": None}))
+    d = train_mod.Distiller(cfg, __import__("accelerate").Accelerator(cpu=True), tmp_path / "run")
+    calls: list[tuple[str, int]] = []
+    predict = d.roles.predict
+
+    def counting(role, x, t, cond):  # type: ignore[no-untyped-def]
+        calls.append((role, int(t[0])))
+        return predict(role, x, t, cond)
+
+    d.roles.predict = counting  # type: ignore[method-assign]
+    metrics = d.train_step()
+    fake_calls = [t for role, t in calls if role == "fake"]
+    mse = float(((seen["eps_f"] - seen["noise"]) ** 2).mean())
+    if reuse:
+        assert fake_calls == [500]
+        assert metrics["loss_fake"] == pytest.approx(mse, rel=1e-6)
+    else:
+        assert fake_calls == [500, 3]
+        assert metrics["loss_fake"] != pytest.approx(mse, rel=1e-3)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in d.roles.fake_parameters())
+
+
+def test_reuse_vsd_forward_refuses_a_guided_fake_score(tmp_path: Path, tiny_teacher: Path) -> None:
+    from wadi_train.config import validate
+    from wadi_train.errors import ConfigError
+
+    cfg = from_dict(tiny_config(tmp_path, tiny_teacher, fake={"rank": 2, "reuse_vsd_forward": True}, vsd={"fake_cfg": 1.5}))
+    problems = validate(cfg)
+    assert any("fake.reuse_vsd_forward needs vsd.fake_cfg = 1" in p for p in problems), problems
