@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: install demo demo-quick demo-long test test-all bench clean
+.PHONY: install demo demo-quick test test-all bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,9 +21,6 @@ demo: install
 
 demo-quick: install
 	$(BIN)/wadi-train demo --quick -o reports/digits-quick
-
-demo-long: install
-	$(BIN)/wadi-train demo --long -o reports/digits-long
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -212,7 +212,6 @@ def demo(
     output: Annotated[Path, typer.Option("-o", "--output", help="Where the reports go")] = Path("reports/digits"),
     cache: Annotated[Path, typer.Option(help="Cache for the teacher and the classifier")] = Path(".cache/wadi_train"),
     quick: Annotated[bool, typer.Option(help="A few steps of everything (CI, smoke test; under 3 minutes)")] = False,
-    long: Annotated[bool, typer.Option("--long", help="800 steps with the adversarial term: past the 10-minute budget, for the best FID")] = False,
     retrain: Annotated[bool, typer.Option(help="Retrain the cached teacher")] = False,
     workers: Annotated[Optional[int], typer.Option(min=1, help="Runs trained side by side, in processes (default: one per core, at most 4)")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
@@ -223,11 +222,9 @@ def demo(
     from rich.table import Table
 
     from wadi_train.demo.pipeline import run_digits_demo
-    from wadi_train.demo.settings import FULL, LONG, QUICK
+    from wadi_train.demo.settings import FULL, QUICK
 
     _setup(quiet)
-    if quick and long:
-        raise typer.BadParameter("--quick and --long exclude each other; give one")
 
     def work() -> None:
         bar = Progress(TextColumn("[bold]{task.fields[stage]:<14}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.description}"), console=err, disable=quiet)
@@ -239,7 +236,7 @@ def demo(
             bar.update(tasks[name], completed=done, total=total, description=note)
 
         with bar:
-            settings = replace(QUICK if quick else LONG if long else FULL, workers=workers)
+            settings = replace(QUICK if quick else FULL, workers=workers)
             doc = run_digits_demo(output, cache, settings, retrain=retrain, stage=stage)
         table = Table("model", "steps", "FID", "accuracy", "ms/img", "params", title="digits: one-step students vs the teacher")
         for r in doc["results"]:

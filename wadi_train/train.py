@@ -282,6 +282,7 @@ class Distiller:
                     loss_d = discriminator_loss(real_logits, self.gan.head(fake_features))
                     loss_f = loss_f + v.gan_d_weight * loss_d
                     d_losses.append(float(loss_d.detach()))
+                self.roles.activate("fake")  # checkpointed blocks recompute with the fake adapter
                 self.acc.backward(loss_f / accum, **({"inputs": f_params} if self.gan or shared else {}))
             self._reduce_grads(f_params)
             gn_f = self._clip(f_params)

@@ -73,33 +73,24 @@ def test_run_configs_match_configs_digits_yaml_and_give_lora_its_fake_lr(tmp_pat
     from wadi_train.demo.pipeline import _run_config
     from wadi_train.demo.settings import FULL
 
-    s = FULL
-    lorad = _run_config(tmp_path, tmp_path / "t.safetensors", s, "lorad", {"method": "lorad", "rank": 8}, s.student_steps, s.student_lr)
+    s, real = FULL, tmp_path / "real.safetensors"
+    lorad = _run_config(tmp_path, tmp_path / "t.safetensors", s, "lorad", {"method": "lorad", "rank": 8}, s.student_steps, s.student_lr, real)
     yaml_cfg = yaml.safe_load((Path(__file__).parents[2] / "configs" / "digits.yaml").read_text())
     for section in ("fake", "vsd", "optim"):
         for key, value in yaml_cfg[section].items():
             if key != "method":
                 assert lorad[section][key] == value, (section, key)
-    for key in ("steps", "batch_size", "seed"):
+    for key in ("steps", "batch_size", "seed", "ema_decay"):
         assert lorad["train"][key] == yaml_cfg["train"][key], key
     assert yaml_cfg["model"]["config"] == lorad["model"]["config"]
 
-    lora = _run_config(tmp_path, tmp_path / "t.safetensors", s, "lora", {"method": "lora", "rank": 12}, s.student_steps, s.lora_lr)
+    lora = _run_config(tmp_path, tmp_path / "t.safetensors", s, "lora", {"method": "lora", "rank": 12}, s.student_steps, s.lora_lr, real)
     assert lora["optim"]["fake_lr"] == s.lora_fake_lr != s.fake_lr == lorad["optim"]["fake_lr"]
     assert lora["fake"] == lorad["fake"] and lora["optim"]["student_lr"] == s.lora_lr
 
-    from wadi_train.demo.settings import LONG
-
-    with_gan = _run_config(tmp_path, tmp_path / "t.safetensors", LONG, "lorad", {"method": "lorad"}, LONG.student_steps, 1e-3, tmp_path / "real.safetensors")
-    assert with_gan["vsd"]["gan_weight"] == LONG.gan_weight > 0 and with_gan["vsd"]["gan_t_max"] == LONG.gan_t_max
-    assert with_gan["data"]["real_images"] == str(tmp_path / "real.safetensors")
-    assert "gan_t_max" not in lorad["vsd"] and lorad["data"] == {}  # the default run configs are unchanged
-    gan = LONG
+    # the default has the adversarial term, so its run configs carry the real images
+    assert lorad["vsd"]["gan_weight"] == s.gan_weight > 0 and lorad["data"]["real_images"] == str(real)
+    without = _run_config(tmp_path, tmp_path / "t.safetensors", replace(s, gan_weight=0.0), "lorad", {"method": "lorad"}, 4, 1e-3)
+    assert "gan_weight" not in without["vsd"] and without["data"] == {}
     with pytest.raises(ValueError, match="real images"):
-        _run_config(tmp_path, tmp_path / "t.safetensors", gan, "lorad", {"method": "lorad"}, 4, 1e-3)
-
-
-def test_quick_and_long_exclude_each_other(tmp_path: Path) -> None:
-    res = CliRunner().invoke(app, ["demo", "--quick", "--long", "-o", str(tmp_path / "out"), "-q"])
-    assert res.exit_code != 0 and "exclude each other" in res.output
-    assert not (tmp_path / "out").exists()
+        _run_config(tmp_path, tmp_path / "t.safetensors", s, "lorad", {"method": "lorad"}, 4, 1e-3)

@@ -116,3 +116,21 @@ def test_reuse_vsd_forward_refuses_a_guided_fake_score(tmp_path: Path, tiny_teac
     cfg = from_dict(tiny_config(tmp_path, tiny_teacher, fake={"rank": 2, "reuse_vsd_forward": True}, vsd={"fake_cfg": 1.5}))
     problems = validate(cfg)
     assert any("fake.reuse_vsd_forward needs vsd.fake_cfg = 1" in p for p in problems), problems
+
+
+def test_reuse_vsd_forward_gives_the_same_fake_gradients_under_gradient_checkpointing(tmp_path: Path, tiny_teacher: Path) -> None:
+    """The shared fake forward is backpropagated after the student's backward: checkpointed
+    blocks must recompute it with the fake adapter, not the student's."""
+    from accelerate import Accelerator
+
+    grads = []
+    for ckpt in (False, True):
+        cfg = from_dict(tiny_config(tmp_path, tiny_teacher, fake={"rank": 2, "reuse_vsd_forward": True}, vsd={"fake_cfg": 1.0}, train={"steps": 1, "ema_decay": None, "gradient_checkpointing": ckpt}))
+        d = train_mod.Distiller(cfg, Accelerator(cpu=True), tmp_path / f"run{ckpt}")
+        for p in d.roles.student_parameters():  # a student that differs from the fake score
+            torch.nn.init.normal_(p, std=0.3)
+        d.opt_f.step = lambda *a, **k: None  # keep the gradients, skip the update
+        d.train_step()
+        grads.append(torch.cat([p.grad.flatten() for p in d.roles.fake_parameters()]))
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)

@@ -54,7 +54,7 @@ class ModelResult:
 
 
 def _run_config(out: Path, teacher_w: Path, s: DemoSettings, name: str, adapter: dict[str, Any], steps: int, lr: float, real_images: Path | None = None) -> dict[str, Any]:
-    fake: dict[str, Any] = {"rank": s.fake_rank, "steps_per_student_step": s.fake_steps}
+    fake: dict[str, Any] = {"rank": s.fake_rank, "steps_per_student_step": s.fake_steps, "reuse_vsd_forward": s.reuse_fake_forward}
     if s.fake_include_conv:
         fake.update(include_conv=True, target_modules=BLOCK_LINEARS)
     vsd: dict[str, Any] = {"teacher_cfg": s.guidance, "fake_cfg": s.fake_guidance, "generator_timestep": s.generator_timestep}
@@ -62,7 +62,7 @@ def _run_config(out: Path, teacher_w: Path, s: DemoSettings, name: str, adapter:
     if s.gan_weight > 0:
         if real_images is None:
             raise ValueError("gan_weight > 0 needs the real images file")
-        vsd.update(gan_weight=s.gan_weight, gan_t_max=s.gan_t_max)
+        vsd.update(gan_weight=s.gan_weight, gan_d_weight=s.gan_d_weight, gan_t_max=s.gan_t_max)
         data["real_images"] = str(real_images)
     return {
         "name": name, "output_dir": str(out / "runs" / name),
@@ -72,7 +72,7 @@ def _run_config(out: Path, teacher_w: Path, s: DemoSettings, name: str, adapter:
         "vsd": vsd,
         "data": data,
         "optim": {"student_lr": lr, "fake_lr": s.lora_fake_lr if adapter["method"] == "lora" else s.fake_lr, "warmup_steps": s.warmup_steps},
-        "train": {"steps": steps, "batch_size": s.batch_size, "checkpoint_every": steps, "log_every": max(1, steps // 100), "ema_decay": None, "seed": s.seed, "device": "cpu"},
+        "train": {"steps": steps, "batch_size": s.batch_size, "checkpoint_every": steps, "log_every": max(1, steps // 100), "ema_decay": s.ema_decay, "seed": s.seed, "device": "cpu"},
     }
 
 

@@ -61,7 +61,7 @@ def _train_and_export(cfg: dict[str, Any], label: str, report: Any = None) -> fl
     start = time.perf_counter()
     train(config, progress=lambda i, n, m: report(label, i, n, f"student {m.get('loss_student', float('nan')):.4f}"))
     seconds = time.perf_counter() - start
-    export_run(run, run / "export", overwrite=True)
+    export_run(run, run / "export", use_ema=config.train.ema_decay is not None, overwrite=True)
     (run / "done.json").write_text(json.dumps({"config": cfg, "seconds": seconds}))
     return seconds
 
