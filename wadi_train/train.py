@@ -32,6 +32,7 @@ from wadi_train.data import ClassSampler, ConditionSampler, TextSampler, encode_
 from wadi_train.ema import EMA
 from wadi_train.errors import ConfigError, TrainingError
 from wadi_train.gan import Adversary, DiscriminatorHead, FeatureTap, RealImages, discriminator_loss, generator_loss
+from wadi_train.lorad import rotation_cache
 from wadi_train.losses import denoising_loss, vsd_student_loss
 from wadi_train.lr_schedule import lr_factor
 from wadi_train.models import Cond, Teacher, load_teacher
@@ -108,7 +109,10 @@ class Distiller:
                 return bnb.optim.AdamW8bit(params, lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)
             except ImportError:
                 log.warning("optim.use_8bit: bitsandbytes is not installed; using torch AdamW")
-        return torch.optim.AdamW(params, lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)
+        # The fused kernel: one call for all tensors (on CPU the default is a per-tensor loop,
+        # 4.7 ms a step for the digits demo's 120 LoRaD tensors, 0.7 ms fused)
+        fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
+        return torch.optim.AdamW(params, lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps, fused=fused or None)
 
     def _discriminator(self) -> Adversary:
         """The adversarial term's feature tap on the fake score, its head and the real images."""
@@ -137,6 +141,12 @@ class Distiller:
         with self.acc.autocast(), self.gan.tap.capture():
             self.roles.predict("fake", x_t, t, cond)
         return self.gan.tap.take()
+
+    def _real_features(self, n: int) -> Tensor:
+        """The fake score's features for n noised real images (the discriminator's real branch)."""
+        assert self.gan is not None
+        real, labels = self.gan.real.sample(n, self.gen)
+        return self._gan_features(real.to(self.acc.device), self._gan_cond(Cond(class_labels=labels), n))
 
     def _gan_cond(self, cond: Cond, n: int) -> Cond:
         """What the discriminator conditions on: the class where the real images have labels,
@@ -202,6 +212,7 @@ class Distiller:
         shape = (b, *self.teacher.sample_shape)
         x0s, conds, s_losses, r_losses, g_losses, vsd_norms = [], [], [], [], [], []
         gan_features: list[Tensor] = []  # the student samples' features, reused by the discriminator
+        real_features: list[Tensor] = []  # the discriminator's real branch, run beside them
         shared: list[tuple[Tensor, Tensor, Tensor]] = []  # fake.reuse_vsd_forward: (pred, noise, abar)
         s_params = self.roles.student_parameters()
         self.opt_s.zero_grad(set_to_none=True)
@@ -212,32 +223,36 @@ class Distiller:
             if self.pairs is not None:  # one student forward over fresh noise + pair noise
                 z_r, cond_r, target_r = self.pairs.batch(torch.randint(len(self.pairs), (b,), generator=self.gen))
                 z_all, cond_all = torch.cat((z, z_r)), cond.cat(cond_r)
-            with self.acc.autocast():
-                x0_all = self.generate(z_all, cond_all).float()
-                x0_hat = x0_all[:b]
-                t = sample_timesteps(b, v.t_min, v.t_max, generator=self.gen).to(self.acc.device)
-                vsd_noise = self._randn(shape)
-                x_t = add_noise(x0_hat.detach(), vsd_noise, abar_at(self.alphas, t, len(shape)))
-                with torch.no_grad():
-                    eps_t = self._cfg_eps("teacher", x_t, t, cond, v.teacher_cfg)
-                    if not c.fake.reuse_vsd_forward:
-                        eps_f = self._cfg_eps("fake", x_t, t, cond, v.fake_cfg)
-                if c.fake.reuse_vsd_forward:  # one fake forward, with grad, for VSD and the update
-                    pred_f = self.roles.predict("fake", x_t, t, cond).float()
-                    ab = abar_at(self.alphas, t, len(shape))
-                    eps_f = eps_from_prediction(pred_f.detach(), x_t.float(), ab, self.teacher.prediction_type)
-                    shared.append((pred_f, vsd_noise, ab))
-            loss, diag = vsd_student_loss(x0_hat, eps_t, eps_f, abar_at(self.alphas, t, len(shape)), v.weighting, vsd_noise)
-            s_losses.append(float(loss.detach()))
-            if self.pairs is not None:
-                loss_r, _ = regression_loss(x0_all[b:], target_r)
-                loss = loss + v.regression_weight * loss_r
-                r_losses.append(float(loss_r.detach()))
-            if self.gan is not None:
-                gan_features.append(self._gan_features(x0_hat, self._gan_cond(cond, b)))
-                loss_g = generator_loss(self.gan.head(gan_features[-1]))
-                loss = loss + v.gan_weight * loss_g
-                g_losses.append(float(loss_g.detach()))
+            # The fake score runs up to three times below with the same angles: each LoRaD
+            # layer rotates its weight once (the scope ends before the backward frees it).
+            with rotation_cache(self.teacher.backbone):
+                with self.acc.autocast():
+                    x0_all = self.generate(z_all, cond_all).float()
+                    x0_hat = x0_all[:b]
+                    t = sample_timesteps(b, v.t_min, v.t_max, generator=self.gen).to(self.acc.device)
+                    vsd_noise = self._randn(shape)
+                    x_t = add_noise(x0_hat.detach(), vsd_noise, abar_at(self.alphas, t, len(shape)))
+                    with torch.no_grad():
+                        eps_t = self._cfg_eps("teacher", x_t, t, cond, v.teacher_cfg)
+                        if not c.fake.reuse_vsd_forward:
+                            eps_f = self._cfg_eps("fake", x_t, t, cond, v.fake_cfg)
+                    if c.fake.reuse_vsd_forward:  # one fake forward, with grad, for VSD and the update
+                        pred_f = self.roles.predict("fake", x_t, t, cond).float()
+                        ab = abar_at(self.alphas, t, len(shape))
+                        eps_f = eps_from_prediction(pred_f.detach(), x_t.float(), ab, self.teacher.prediction_type)
+                        shared.append((pred_f, vsd_noise, ab))
+                loss, diag = vsd_student_loss(x0_hat, eps_t, eps_f, abar_at(self.alphas, t, len(shape)), v.weighting, vsd_noise)
+                s_losses.append(float(loss.detach()))
+                if self.pairs is not None:
+                    loss_r, _ = regression_loss(x0_all[b:], target_r)
+                    loss = loss + v.regression_weight * loss_r
+                    r_losses.append(float(loss_r.detach()))
+                if self.gan is not None:
+                    gan_features.append(self._gan_features(x0_hat, self._gan_cond(cond, b)))
+                    loss_g = generator_loss(self.gan.head(gan_features[-1]))
+                    loss = loss + v.gan_weight * loss_g
+                    g_losses.append(float(loss_g.detach()))
+                    real_features.append(self._real_features(b))
             self.roles.activate("student")  # backward may recompute checkpointed student blocks
             # With the adversarial term the loss also reaches the fake score: `inputs` keeps its
             # weight gradients out of this backward, and the graph stays for the discriminator.
@@ -273,13 +288,10 @@ class Distiller:
                 loss_f, _ = denoising_loss(pred.float(), x0, noise, ab, self.teacher.prediction_type)
                 f_losses.append(float(loss_f.detach()))  # the denoising loss alone, comparable across runs
                 if self.gan is not None:
-                    real, labels = self.gan.real.sample(b, self.gen)
-                    real_cond = self._gan_cond(Cond(class_labels=labels), b)
-                    real_logits = self.gan.head(self._gan_features(real.to(self.acc.device), real_cond))
-                    # The first update reads the features of the student's update (same samples,
-                    # the fake score unchanged since); later ones need a new forward.
-                    fake_features = gan_features[i] if k == 0 else self._gan_features(x0, self._gan_cond(cond, b))
-                    loss_d = discriminator_loss(real_logits, self.gan.head(fake_features))
+                    # The first update reads the features computed beside the student's (the fake
+                    # score unchanged since, the same student samples); later ones run new forwards.
+                    real_f, fake_f = (real_features[i], gan_features[i]) if k == 0 else (self._real_features(b), self._gan_features(x0, self._gan_cond(cond, b)))
+                    loss_d = discriminator_loss(self.gan.head(real_f), self.gan.head(fake_f))
                     loss_f = loss_f + v.gan_d_weight * loss_d
                     d_losses.append(float(loss_d.detach()))
                 self.roles.activate("fake")  # checkpointed blocks recompute with the fake adapter

@@ -340,3 +340,49 @@ def test_config_validation() -> None:
     with pytest.raises(ValueError, match="unknown LoRaDConfig keys"):
         LoRaDConfig.from_dict({"r": 4, "lora_alpha": 8})
     assert LoRaDConfig.from_dict(STUDENT.to_dict()) == STUDENT
+
+
+def test_rotation_cache_rotates_once_per_set_of_angles_and_keeps_gradients_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    from wadi_train.lorad import LoRaDLayer, rotation_cache
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 8), nn.SiLU(), nn.Linear(8, 4))
+    model = inject_lorad(copy.deepcopy(base), LoRaDConfig(r=2, target_modules=["0", "2"]), "fake")
+    for p in model.parameters():
+        if p.requires_grad:
+            nn.init.normal_(p, std=0.5)
+    theta = [p for n, p in model.named_parameters() if "theta" in n]
+    calls = {"n": 0}
+    real = LoRaDLayer.rotated_weight
+
+    def counting(self, adapter_name=None):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        return real(self, adapter_name)
+
+    monkeypatch.setattr(LoRaDLayer, "rotated_weight", counting)
+    x1, x2 = torch.randn(5, 6), torch.randn(3, 6)
+
+    def loss() -> torch.Tensor:
+        return model(x1).square().sum() + model(x2).sin().sum()
+
+    want = torch.autograd.grad(loss(), theta)  # no cache: 2 layers x 2 forwards
+    assert calls["n"] == 4
+    calls["n"] = 0
+    with rotation_cache(model):
+        got_loss = loss()
+        assert calls["n"] == 2  # each layer rotated once for both forwards
+        with torch.no_grad():
+            model(x1)  # the grad mode is part of the key: a no-grad rotation is its own
+        assert calls["n"] == 4
+        got = torch.autograd.grad(got_loss, theta)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        with torch.no_grad():
+            theta[0].add_(0.1)  # new angles (an optimizer step): rotated again
+        model(x1)
+        assert calls["n"] == 5  # only the layer whose angles changed
+    calls["n"] = 0
+    model(x1)
+    model(x1)
+    assert calls["n"] == 4  # outside the block nothing is kept
+    assert all(layer._rotations is None for _, layer in lorad_layers(model))

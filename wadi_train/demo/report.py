@@ -15,7 +15,8 @@ __all__ = ["plot_losses", "write_demo_report"]
 
 
 def plot_losses(runs: Path, out_png: Path) -> Path | None:
-    """Student and fake-score loss curves of every run (metrics.csv) in one PNG."""
+    """Student, fake-score and (with the adversarial term) discriminator loss curves of every
+    run (metrics.csv) in one PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -27,19 +28,25 @@ def plot_losses(runs: Path, out_png: Path) -> Path | None:
             series[metrics.parent.name] = rows
     if not series:
         return None
-    fig = Figure(figsize=(10, 3.6), dpi=110)
+    panels = [("loss_student", "VSD student loss"), ("loss_fake", "fake-score denoising loss")]
+    if any(math.isfinite(float(r.get("loss_gan_discriminator") or "nan")) for rows in series.values() for r in rows):
+        panels.append(("loss_gan_discriminator", "discriminator loss (chance: 2 ln 2)"))
+    fig = Figure(figsize=(5 * len(panels), 3.6), dpi=110)
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 2)
+    axes = fig.subplots(1, len(panels))
     for name, rows in series.items():
         steps = [int(r["step"]) for r in rows]
-        for ax, key in zip(axes, ("loss_student", "loss_fake")):
-            ax.plot(steps, [float(r[key]) for r in rows], label=name, linewidth=1.2)
-    for ax, title in zip(axes, ("VSD student loss", "fake-score denoising loss")):
+        for ax, (key, _) in zip(axes, panels):
+            ax.plot(steps, [float(r.get(key) or "nan") for r in rows], label=name, linewidth=1.2)
+    for ax, (key, title) in zip(axes, panels):
         ax.set_title(title)
         ax.set_xlabel("step")
-        ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=8)
+        if key == "loss_gan_discriminator":
+            ax.axhline(2 * math.log(2), color="grey", linestyle="--", linewidth=0.8)
+        else:
+            ax.set_yscale("log")
+    axes[-1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_png, metadata={"Software": None})
     return out_png

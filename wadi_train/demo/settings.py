@@ -63,7 +63,7 @@ class DemoSettings:
     """
 
     teacher: TeacherSettings = field(default_factory=TeacherSettings)
-    reference_steps: int = 200
+    reference_steps: int = 100
     student_steps: int = 500
     batch_size: int = 32
     student_lr: float = 2e-3

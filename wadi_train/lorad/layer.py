@@ -93,6 +93,8 @@ class LoRaDLayer(nn.Module):
         self._disable_adapters = False
         # The unrotated weight while merged, so that unmerge restores it bit-exactly.
         self.register_buffer("_original_weight", None, persistent=False)
+        # Inside `rotation_cache`: (adapter, grad mode) -> (what the rotation depends on, weight).
+        self._rotations: dict[tuple[str, bool], tuple[tuple[int, ...], Tensor]] | None = None
 
     # -- subclass hook ----------------------------------------------------------------------
     def run(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -191,10 +193,23 @@ class LoRaDLayer(nn.Module):
         """W' - W in float32 (W the unrotated base weight, also while merged)."""
         return self.rotated_weight(adapter_name) - self._unrotated_weight().float()
 
+    def _forward_weight(self) -> Tensor:
+        """The active adapter's rotated weight; inside `rotation_cache` computed once and reused
+        while its angles and the base weight (their version counters) and the grad mode stay."""
+        if self._rotations is None:
+            return self.rotated_weight()
+        name = self._adapter(None)
+        slot = (name, torch.is_grad_enabled())  # a no-grad rotation never stands in for one with grad
+        versions = (id(self.theta_a[name]), self.theta_a[name]._version, self.theta_b[name]._version, self._unrotated_weight()._version)
+        cached = self._rotations.get(slot)
+        if cached is None or cached[0] != versions:
+            cached = self._rotations[slot] = (versions, self.rotated_weight(name))
+        return cached[1]
+
     def forward(self, x: Tensor) -> Tensor:
         if self._disable_adapters or self.merged or not self.has_active_adapter:
             return self.base_layer(x)
-        weight = self.rotated_weight().to(x.dtype)
+        weight = self._forward_weight().to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return self.run(x, weight, bias)
 

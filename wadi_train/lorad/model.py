@@ -196,6 +196,26 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             layer.enable_adapters(not disabled)
 
 
+@contextlib.contextmanager
+def rotation_cache(model: nn.Module) -> Iterator[nn.Module]:
+    """Context in which every LoRaD layer rotates its weight once per set of angles.
+
+    A forward inside reuses the rotated weight of an earlier one when the active adapter's
+    angles, the base weight and the grad mode are unchanged (so a training step that runs the
+    fake score three times rotates it once, and autograd sums the gradients through the shared
+    rotation). Keep a backward that frees the graph outside the block: a later forward inside
+    it would reuse a freed rotation.
+    """
+    layers = [layer for _, layer in lorad_layers(model)]
+    for layer in layers:
+        layer._rotations = {}
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer._rotations = None
+
+
 def merge_adapters(model: nn.Module) -> None:
     """Merge the active adapter into every LoRaD layer's base weight (no-op where merged)."""
     for _, layer in lorad_layers(model):
