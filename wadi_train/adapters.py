@@ -25,7 +25,7 @@ from wadi_train.config import AdapterConfig, FakeScoreConfig, RunConfig
 from wadi_train.errors import ConfigError
 from wadi_train.lorad import LoRaDConfig, disable_adapters, inject_lorad, lorad_layers, lorad_state_dict, set_active_adapter
 from wadi_train.lorad.layer import flat_shape
-from wadi_train.models import Cond, Teacher, denoise
+from wadi_train.models import Cond, Teacher, cast_model, denoise
 
 __all__ = ["Roles", "build_roles", "student_lorad_config", "placement_problems", "ROLE_NAMES"]
 
@@ -71,11 +71,6 @@ class Roles(Protocol):
     def fake_state(self) -> dict[str, Tensor]: ...
     def load_states(self, student: dict[str, Tensor], fake: dict[str, Tensor]) -> None: ...
     def merged_student(self) -> nn.Module: ...
-
-
-def _cast(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Cast only when needed (diffusers warns on every `.to(dtype)`)."""
-    return model if next(model.parameters()).dtype == dtype else model.to(dtype)
 
 
 def _named_trainable(module: nn.Module, marker: str) -> dict[str, nn.Parameter]:
@@ -151,7 +146,7 @@ class LoRaDRoles:
         """A plain copy of the backbone with the student merged in fp32 (no adapters)."""
         model = copy.deepcopy(self.teacher.backbone)
         dtype = next(model.parameters()).dtype
-        model.float()
+        cast_model(model, torch.float32)
         for name, layer in list(lorad_layers(model)):
             base = layer.base_layer
             if "student" in layer.theta_a:
@@ -159,7 +154,7 @@ class LoRaDRoles:
                     base.weight.copy_(layer.rotated_weight("student"))
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, base)
-        return _cast(model, dtype).requires_grad_(False)
+        return cast_model(model, dtype).requires_grad_(False)
 
     def adapter_file_state(self) -> dict[str, Tensor]:
         return lorad_state_dict(self.teacher.backbone, "student")
@@ -222,14 +217,14 @@ class PeftRoles:
     def merged_student(self) -> nn.Module:
         model = copy.deepcopy(self.teacher.backbone)
         dtype = next(model.parameters()).dtype
-        model.float()
+        cast_model(model, torch.float32)
         for module in list(model.modules()):
             for cname, child in list(module.named_children()):
                 if hasattr(child, "base_layer") and hasattr(child, "lora_A"):
                     if "student" in child.lora_A:
                         child.merge(adapter_names=["student"])
                     setattr(module, cname, child.get_base_layer())
-        return _cast(model, dtype).requires_grad_(False)
+        return cast_model(model, dtype).requires_grad_(False)
 
     def adapter_file_state(self) -> dict[str, Tensor]:
         return self.student_state()
@@ -243,7 +238,7 @@ class FullRoles:
     method: str = "full"
 
     def setup(self, fake: LoRaDConfig) -> "FullRoles":
-        self.student = copy.deepcopy(self.teacher.backbone).float().requires_grad_(True)
+        self.student = cast_model(copy.deepcopy(self.teacher.backbone), torch.float32).requires_grad_(True)
         self.student.train()
         inject_lorad(self.teacher.backbone, fake, "fake")
         return self
@@ -279,7 +274,7 @@ class FullRoles:
         _load_named(self.teacher.backbone, fake)
 
     def merged_student(self) -> nn.Module:
-        return _cast(copy.deepcopy(self.student), next(self.teacher.backbone.parameters()).dtype).requires_grad_(False)
+        return cast_model(copy.deepcopy(self.student), next(self.teacher.backbone.parameters()).dtype).requires_grad_(False)
 
     def adapter_file_state(self) -> dict[str, Tensor]:
         return self.student_state()

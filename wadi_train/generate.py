@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from torch import Tensor
 
 from wadi_train.errors import ModelLoadError, OptionError
-from wadi_train.models import FAMILIES, Cond, denoise
+from wadi_train.models import FAMILIES, Cond, cast_model, denoise
 from wadi_train.one_step import one_step_x0
 
 __all__ = [
@@ -132,7 +132,7 @@ def load_class_generator(folder: str | Path, device: str = "cpu", dtype: str | N
     x0 is the one-step generator: one model call on `noise` (moved to the device) with `cond`.
     """
     model, info, family = load_exported(folder)
-    model.to(device, _dtype(dtype, next(model.parameters()).dtype))
+    cast_model(model.to(device), _dtype(dtype, next(model.parameters()).dtype))
     alphas = torch.tensor(info["alphas_cumprod"], dtype=torch.float32, device=device)
     dt = next(model.parameters()).dtype
 

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from wadi_train.config import ModelConfig
 from wadi_train.errors import ModelLoadError
 
-__all__ = ["Family", "FAMILIES", "Cond", "Teacher", "load_teacher", "teacher_problems", "denoise", "save_model_folder"]
+__all__ = ["Family", "FAMILIES", "Cond", "Teacher", "load_teacher", "teacher_problems", "denoise", "save_model_folder", "cast_model"]
 
 log = logging.getLogger(__name__)
 
@@ -211,8 +211,7 @@ def load_teacher(cfg: ModelConfig, device: torch.device | str = "cpu") -> Teache
         model = family.model_class().from_config(dict(cfg.config or {}))
         if cfg.weights is not None:
             _load_weights(model, cfg.weights)
-        if dtype != torch.float32:
-            model = model.to(dtype)
+        model = cast_model(model, dtype)
         sched_root = None
     alphas, sched_cfg, ptype = _scheduler(sched_root, cfg)
     model.requires_grad_(False)
@@ -266,3 +265,9 @@ def save_model_folder(model: nn.Module, folder: Path, scheduler_config: dict[str
     """Write a diffusers model folder plus the scheduler config next to it."""
     model.save_pretrained(folder, safe_serialization=True)
     (folder / "scheduler_config.json").write_text(json.dumps(scheduler_config, indent=2, default=str))
+
+
+def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """`model` in `dtype`, cast only where a parameter differs (diffusers' models log a warning
+    on every `.to(dtype)`, even a no-op one)."""
+    return model if all(p.dtype == dtype for p in model.parameters()) else model.to(dtype)
