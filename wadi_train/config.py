@@ -318,7 +318,7 @@ def validate(config: RunConfig, check_files: bool = True) -> list[str]:
     if v.gan_weight > 0:
         if not config.data.real_images:
             e.append("vsd.gan_weight > 0: the adversarial term needs data.real_images (a safetensors file with 'images' (N, C, H, W) in the denoiser's space)")
-        elif not Path(config.data.real_images).is_file():
+        elif check_files and not Path(config.data.real_images).is_file():
             e.append(f"data.real_images = {config.data.real_images!r}: no such file")
         if t.gradient_checkpointing:
             e.append("vsd.gan_weight > 0 with train.gradient_checkpointing: not supported (the student's backward runs through the fake score); turn one off")

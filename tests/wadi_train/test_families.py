@@ -146,8 +146,13 @@ def test_full_size_student_matches_paper(name: str, unet: dict[str, Any], module
 def test_digits_config_trains_two_steps(tmp_path: Path) -> None:
     from wadi_train.train import train
 
-    overrides = ["model.weights=null", "train.steps=2", "train.batch_size=2", "train.checkpoint_every=2", "train.log_every=1", f"output_dir={tmp_path / 'run'}"]
+    from safetensors.torch import save_file
+
+    real = tmp_path / "real.safetensors"  # the demo writes this file into its cache
+    save_file({"images": torch.rand(4, 1, 8, 8) * 2 - 1, "class_labels": torch.arange(4)}, real)
+    overrides = ["model.weights=null", "train.steps=2", "train.batch_size=2", "train.checkpoint_every=2", "train.log_every=1", f"output_dir={tmp_path / 'run'}", f"data.real_images={real}"]
     cfg = load_config(CONFIGS / "digits.yaml", overrides)
+    assert cfg.vsd.gan_weight > 0 and cfg.fake.reuse_vsd_forward
     assert validate(cfg) == []
     res = train(cfg)
     assert res.steps == 2 and math.isfinite(res.last["loss_student"]) and math.isfinite(res.last["loss_fake"])

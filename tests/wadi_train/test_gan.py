@@ -143,6 +143,7 @@ def test_validate_asks_for_real_images(tmp_path: Path, tiny_teacher: Path) -> No
     assert any("needs data.real_images" in p for p in validate(from_dict(cfg)))
     cfg["data"] = {"real_images": str(tmp_path / "none.safetensors")}
     assert any("no such file" in p for p in validate(from_dict(cfg)))
+    assert not any("real_images" in p for p in validate(from_dict(cfg), check_files=False))  # files are not looked at
     cfg = _gan_config(tmp_path, tiny_teacher, gan_weight=0.1)
     assert validate(from_dict(cfg)) == []
     cfg["train"]["gradient_checkpointing"] = True
