@@ -231,17 +231,17 @@ class Distiller:
                     x0_hat = x0_all[:b]
                     t = sample_timesteps(b, v.t_min, v.t_max, generator=self.gen).to(self.acc.device)
                     vsd_noise = self._randn(shape)
-                    x_t = add_noise(x0_hat.detach(), vsd_noise, abar_at(self.alphas, t, len(shape)))
+                    ab = abar_at(self.alphas, t, len(shape))
+                    x_t = add_noise(x0_hat.detach(), vsd_noise, ab)
                     with torch.no_grad():
                         eps_t = self._cfg_eps("teacher", x_t, t, cond, v.teacher_cfg)
                         if not c.fake.reuse_vsd_forward:
                             eps_f = self._cfg_eps("fake", x_t, t, cond, v.fake_cfg)
                     if c.fake.reuse_vsd_forward:  # one fake forward, with grad, for VSD and the update
                         pred_f = self.roles.predict("fake", x_t, t, cond).float()
-                        ab = abar_at(self.alphas, t, len(shape))
                         eps_f = eps_from_prediction(pred_f.detach(), x_t.float(), ab, self.teacher.prediction_type)
                         shared.append((pred_f, vsd_noise, ab))
-                loss, diag = vsd_student_loss(x0_hat, eps_t, eps_f, abar_at(self.alphas, t, len(shape)), v.weighting, vsd_noise)
+                loss, diag = vsd_student_loss(x0_hat, eps_t, eps_f, ab, v.weighting, vsd_noise)
                 s_losses.append(float(loss.detach()))
                 if self.pairs is not None:
                     loss_r, _ = regression_loss(x0_all[b:], target_r)
